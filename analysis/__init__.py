@@ -1,0 +1,1 @@
+"""What is concluded: learning curves, statistics across seeds, kernel pictures."""

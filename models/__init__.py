@@ -1,0 +1,1 @@
+"""What is simulated: equations, parameter sets and network builders of the study."""
