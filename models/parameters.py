@@ -12,7 +12,7 @@ Override any value with :func:`dataclasses.replace`, e.g.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from brian2 import Hz, Quantity, ms
 from brian2.units.fundamentalunits import DimensionMismatchError, fail_for_dimension_mismatch
@@ -22,11 +22,16 @@ class ParameterError(ValueError):
     """A parameter with the wrong unit, type or range."""
 
 
+def unit_default(value: Quantity):
+    """A dataclass field defaulting to a Brian2 quantity (quantities are unhashable arrays)."""
+    return field(default_factory=lambda: value)
+
+
 def _check(obj) -> None:
     """Check every field against the unit or type its default carries."""
     for f in fields(obj):
         value = getattr(obj, f.name)
-        default = f.default
+        default = f.default if f.default is not MISSING else f.default_factory()
         where = f"{type(obj).__name__}.{f.name}"
         if isinstance(default, Quantity):
             try:
@@ -67,10 +72,10 @@ class LIFParameters:
     """
 
     #: [paper] simulation step
-    dt: Quantity = 1 * ms
+    dt: Quantity = unit_default(1 * ms)
     #: [choice] 20 ms: the textbook cortical membrane constant of the paper's LIF reference
     #: (Dayan & Abbott 2001); 20 steps of memory integrate a rate code within a 25-100 ms window.
-    tau_m: Quantity = 20 * ms
+    tau_m: Quantity = unit_default(20 * ms)
     #: [recon] "zero" (reset to 0, the default) or "subtract" (reset by subtracting v_th)
     reset: str = "zero"
 
@@ -112,7 +117,7 @@ class InputParameters:
     #: [choice] 1000 Hz: with dt = 1 ms the spike probability per step equals the pixel
     #: intensity, the plainest reading of "probability proportional to pixel intensity" and the
     #: most input spikes (information) per presentation.
-    max_rate: Quantity = 1000 * Hz
+    max_rate: Quantity = unit_default(1000 * Hz)
 
     def __post_init__(self):
         _check(self)
