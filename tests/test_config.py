@@ -1,0 +1,66 @@
+"""Config files: unknown keys, wrong types and wrong units are errors naming the key."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+from brian2 import Hz, Quantity, ms
+
+from models.parameters import LIFParameters, unit_default
+from protocols.config import ConfigError, config_to_dict, load_config
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: Quantity = unit_default(100 * Hz)
+    images: int = 10
+
+
+@dataclass(frozen=True)
+class Outer:
+    seed: int = 0
+    arm: Literal["pretrained", "supervised"] = "pretrained"
+    lr: float = 0.1
+    name: str = "run"
+    layers: tuple[int, ...] = (1, 2)
+    inner: Inner = field(default_factory=Inner)
+    lif: LIFParameters = field(default_factory=LIFParameters)
+
+
+def test_round_trip_and_units(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 3\nlr = 1\nlayers = [4, 5]\n[inner]\nrate = "1.5 kHz"\n'
+                    '[lif]\ntau_m = "0.05 s"\nreset = "subtract"\n')
+    config = load_config(path, Outer)
+    assert config.seed == 3 and config.lr == 1.0 and config.layers == (4, 5)
+    assert config.inner.rate == 1500 * Hz and config.inner.images == 10
+    assert config.lif.tau_m == 50 * ms and config.lif.reset == "subtract"
+    assert load_config(config_to_dict(config), Outer) == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"sead": 1}, "unknown config key 'sead'; known keys: arm, inner, layers"),
+    ({"inner": {"rates": "1 Hz"}}, r"unknown config key 'rates' in \[inner\]"),
+    ({"seed": "1"}, "seed must be an integer"),
+    ({"seed": True}, "seed must be an integer"),
+    ({"lr": "fast"}, "lr must be a number"),
+    ({"arm": "both"}, "arm = 'both' is not one of 'pretrained', 'supervised'"),
+    ({"inner": {"rate": "5 ms"}}, "inner.rate = '5 ms' has the wrong unit"),
+    ({"inner": {"rate": 100}}, "inner.rate = 100: write a number and a unit"),
+    ({"lif": {"reset": "hold"}}, "reset = 'hold' is not one of zero, subtract"),
+    ({"inner": 3}, r"\[inner\] must be a table"),
+])
+def test_bad_keys_are_named(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(values, Outer)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", Outer)
+    (tmp_path / "bad.toml").write_text("seed = = 1")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(tmp_path / "bad.toml", Outer)
+    (tmp_path / "typo.toml").write_text("seeds = 1")
+    with pytest.raises(ConfigError, match="typo.toml: unknown config key 'seeds'"):
+        load_config(tmp_path / "typo.toml", Outer)
