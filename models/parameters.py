@@ -123,3 +123,152 @@ class InputParameters:
         _check(self)
         if self.max_rate < 0 * Hz:
             raise ParameterError("InputParameters.max_rate must be non-negative")
+
+
+@dataclass(frozen=True)
+class STDPParameters:
+    r"""Weight-dependent positive STDP of the conv kernels (SPEC §3) [paper + recon].
+
+    At a post-synaptic spike, for every synapse of the firing unit
+
+    .. math::
+        \Delta w = \eta\,(x_{pre} - \chi_{offset})\,(w_{max} - w)\,(w - w_{min}),
+        \qquad x_{pre} = e^{-(t - t_{pre})/\tau_{pre}}
+
+    (the trace is reset to 1 at each pre-synaptic spike and decays with tau_pre [paper]).
+    Kernel entries are shared by all positions of a map; the updates of the positions of a map
+    that fire in the same step are averaged [paper] (``averaging = "spiking"``) or, as a simpler
+    variant, summed and divided by the number of positions of the map (``"all"``).
+    """
+
+    #: [choice] 10 ms: a pre-spike within ~5 steps of the post-spike potentiates for chi = 0.5
+    #: (e^{-5/10} = 0.61 > 0.5); pixels silent for longer are depressed. Chosen in
+    #: docs/pretraining.md (kernels become stroke detectors, not blobs).
+    tau_pre: Quantity = unit_default(10 * ms)
+    #: [choice] 0.002: larger rates (0.005-0.05) drive every weight to a bound within 300 images
+    #: (binary half-plane kernels); 0.002 at 250 Hz input gives graded bar/stroke kernels
+    #: (sweep in docs/pretraining.md).
+    eta: float = 0.002
+    #: [choice] 0.5: the midpoint of the trace's range, so that a recent (x > 0.5) pre-spike
+    #: potentiates and an absent one depresses with comparable strength.
+    chi_offset: float = 0.5
+    #: [choice] -1: weights may be negative [paper]; symmetric bounds around 0 of the order of
+    #: the Lee-initialised weights' scale (sqrt(3/25) = 0.35), so the soft bound acts early.
+    w_min: float = -1.0
+    #: [choice] +1: symmetric to w_min.
+    w_max: float = 1.0
+    #: [recon] "spiking": average over the positions of a map that fired in this step [paper];
+    #: "all": divide the summed update by the number of positions (constant factor)
+    averaging: str = "spiking"
+
+    def __post_init__(self):
+        _check(self)
+        _check_choice(self, "averaging", ("spiking", "all"))
+        if self.tau_pre <= 0 * ms:
+            raise ParameterError("STDPParameters.tau_pre must be positive")
+        if not self.w_min < self.w_max:
+            raise ParameterError("STDPParameters: w_min must be smaller than w_max")
+        if self.eta < 0:
+            raise ParameterError("STDPParameters.eta must be non-negative")
+
+
+@dataclass(frozen=True)
+class HomeostasisParameters:
+    r"""Feature-map-wise adaptive threshold during pre-training (SPEC §3) [paper + recon].
+
+    :math:`\theta_m[t] = e^{-dt/\tau_\theta}\theta_m[t-1] + \Delta\theta\, n_m[t]`, unit threshold
+    :math:`v_{th} + \theta_m`; theta is frozen (not updated) outside pre-training.
+    """
+
+    #: [choice] 0.01 per spike: in the sweep (docs/pretraining.md) it holds the shallow conv
+    #: layer to ~700-800 spikes per image (0.15 % of unit-steps) with every map active.
+    delta_theta: float = 0.01
+    #: [choice] 1 s = 40 images of 25 ms: slower than one presentation, so the threshold
+    #: reflects a map's recent average activity rather than the current image only.
+    tau_theta: Quantity = unit_default(1000 * ms)
+
+    def __post_init__(self):
+        _check(self)
+        if self.delta_theta < 0:
+            raise ParameterError("HomeostasisParameters.delta_theta must be non-negative")
+        if self.tau_theta <= 0 * ms:
+            raise ParameterError("HomeostasisParameters.tau_theta must be positive")
+
+
+@dataclass(frozen=True)
+class PretrainingParameters:
+    """Greedy layer-wise STDP pre-training protocol (SPEC §3)."""
+
+    #: [paper] each image is presented for 25 ms (dt = 1 ms)
+    presentation: Quantity = unit_default(25 * ms)
+    #: [choice] 1000 images per conv layer: stroke-like kernels already form within 300 images
+    #: in the sweep (docs/pretraining.md); 1000 leaves margin at ~5-10 s of compute.
+    n_images: int = 1000
+    #: [choice] 250 Hz during pre-training: at 1000 Hz bright pixels spike in every step, the
+    #: trace carries no timing and kernels saturate into large half-planes; at 250 Hz they
+    #: become strokes and the run is 2x faster (docs/pretraining.md).
+    max_rate: Quantity = unit_default(250 * Hz)
+    #: [choice] 1.0: initial base threshold of a pre-trained conv layer = alpha * k with
+    #: k = sqrt(3/fan_in), the Lee initialisation rule (SPEC §5); homeostasis then adapts it.
+    v_th_alpha: float = 1.0
+    #: [choice] 100 images per Brian2 run: one standalone run per batch amortises the program
+    #: start (~10 ms) and keeps the stimulus table small (100 × 25 × 784 values).
+    batch_images: int = 100
+
+    def __post_init__(self):
+        _check(self)
+        for name in ("n_images", "batch_images"):
+            if not isinstance(getattr(self, name), int):
+                raise ParameterError(f"PretrainingParameters.{name} must be a whole number")
+        if self.n_images < 1 or self.batch_images < 1:
+            raise ParameterError("PretrainingParameters: n_images and batch_images must be >= 1")
+        if self.presentation <= 0 * ms:
+            raise ParameterError("PretrainingParameters.presentation must be positive")
+        if self.v_th_alpha <= 0:
+            raise ParameterError("PretrainingParameters.v_th_alpha must be positive")
+
+
+@dataclass(frozen=True)
+class InitParameters:
+    """Random initialisation of conv and FC layers (SPEC §5): w ~ U[-k, k], v_th = alpha · k."""
+
+    #: [choice] see models/initialisation.py and docs of the trainer; picked by a short run
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        _check(self)
+        if self.alpha <= 0:
+            raise ParameterError("InitParameters.alpha must be positive")
+
+
+@dataclass(frozen=True)
+class BPParameters:
+    """Spike-based BP fine-tuning (SPEC §4); the equations are in protocols/bp.py."""
+
+    #: [choice] activation time constant tau_p
+    tau_p: Quantity = unit_default(20 * ms)
+    #: [choice] constant learning rate eta_BP [paper: constant]
+    eta: float = 1.0
+    #: [recon] pseudo-derivative a'(net): "lee2018" (1 - a/tau_p), "lee2020" (leak-aware,
+    #: Lee et al. 2020), "straight_through" (1)
+    derivative: str = "lee2018"
+    #: [recon] normalised activation a-hat: "max" (a / activation of a unit firing every step,
+    #: in [0, 1]) or "T" (a / T)
+    activation_norm: str = "max"
+    #: [paper] mini-batch of 100 images (600 iterations per epoch of 60k)
+    batch_size: int = 100
+    #: [paper] presentation length in the first epoch
+    t_first_epoch: Quantity = unit_default(100 * ms)
+    #: [paper] presentation length in later epochs
+    t_later_epochs: Quantity = unit_default(50 * ms)
+
+    def __post_init__(self):
+        _check(self)
+        _check_choice(self, "derivative", ("lee2018", "lee2020", "straight_through"))
+        _check_choice(self, "activation_norm", ("max", "T"))
+        if self.tau_p <= 0 * ms or self.t_first_epoch <= 0 * ms or self.t_later_epochs <= 0 * ms:
+            raise ParameterError("BPParameters: tau_p and presentation lengths must be positive")
+        if self.eta <= 0:
+            raise ParameterError("BPParameters.eta must be positive")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ParameterError("BPParameters.batch_size must be a positive integer")

@@ -1,0 +1,282 @@
+"""Greedy layer-wise STDP pre-training of the conv layers (SPEC §3), as the paper's methods read.
+
+1. Present N training images for 25 ms each (dt = 1 ms) as Poisson spike trains and train conv
+   layer 1 with weight-dependent STDP on shared kernels (updates of a map's positions that fire
+   in the same step are averaged) and feature-map-wise homeostasis.
+2. Freeze its kernels and thresholds (effective threshold = base v_th + adapted theta); present
+   the images again through conv 1 and its pooling layer, and train conv layer 2 on the pooled
+   spikes; repeat for every conv layer. Fully-connected layers are not touched.
+
+Run::
+
+    python -m protocols.pretrain --config configs/pretrain_shallow.toml [--n-images 200]
+        [--seed 1] [--device runtime] [--out runs/pretrain_shallow]
+
+Output (``--out``): ``pretrained.npz`` with ``conv{i}_kernels`` (n_maps, C_in, k, k),
+``conv{i}_thresholds`` (n_maps,) effective thresholds to carry into fine-tuning,
+``conv{i}_theta``, ``conv{i}_v_th_base``, ``image_indices``; and ``pretrained.json`` with the
+config, seed, versions, firing statistics and timings. Both written atomically, no pickle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.parameters import (HomeostasisParameters, LIFParameters, PoolingParameters,
+                               PretrainingParameters, STDPParameters)
+from models.topology import SHALLOW, ConvLayer, parse_topology
+from protocols.config import ConfigError, config_to_dict, load_config
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pre-training run depends on (TOML: top-level keys + one table per dataclass)."""
+
+    topology: str = SHALLOW
+    #: dataset name for protocols.datasets.load_dataset ('mnist', 'mnist-5k', 'fashion-mnist')
+    dataset: str = "mnist"
+    seed: int = 0
+    #: 'runtime' (Cython) or 'cpp_standalone' (built once per layer, re-run per batch)
+    device: str = "cpp_standalone"
+    out: str = "runs/pretrain"
+    pretraining: PretrainingParameters = field(default_factory=PretrainingParameters)
+    stdp: STDPParameters = field(default_factory=STDPParameters)
+    homeostasis: HomeostasisParameters = field(default_factory=HomeostasisParameters)
+    lif: LIFParameters = field(default_factory=LIFParameters)
+    pooling: PoolingParameters = field(default_factory=PoolingParameters)
+
+
+def versions() -> dict:
+    import brian2
+    import scipy
+
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "brian2": brian2.__version__, "scipy": scipy.__version__,
+            "platform": platform.platform()}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_pretrained(path: str | os.PathLike) -> dict:
+    """The arrays of a ``pretrained.npz`` (loaded without pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def stimulus_table(images: np.ndarray, steps: int, rng: np.random.Generator,
+                   max_rate) -> np.ndarray:
+    """Poisson spikes of a batch of images laid end to end: ``(B·steps, C·H·W)`` float 0/1."""
+    from protocols.encoding import poisson_spikes
+
+    from brian2 import ms
+
+    spikes = poisson_spikes(images, steps * ms, rng, max_rate=max_rate)  # (T, B, ...)
+    spikes = np.moveaxis(spikes, 1, 0)  # (B, T, ...)
+    return spikes.reshape(images.shape[0] * steps, -1).astype(np.float64)
+
+
+def pretrain_layer(
+    topology: str,
+    index: int,
+    frozen: dict,
+    images: np.ndarray,
+    rng: np.random.Generator,
+    cfg: PretrainConfig,
+    progress: bool = True,
+    directory: str | None = None,
+) -> dict:
+    """STDP pre-training of conv layer ``index`` on ``images`` with the layers below frozen.
+
+    ``frozen``: ``{layer index: (kernels, effective thresholds)}`` of the conv layers below.
+    Returns kernels, base threshold, adapted theta, effective thresholds, spikes per image and
+    timings.
+    """
+    from brian2 import second
+    from tqdm import tqdm
+
+    from models.devices import StandaloneProgram, is_standalone, use_device
+    from models.network import build_network
+
+    layers = parse_topology(topology)
+    layer = layers[index]
+    p = cfg.pretraining
+    lif = cfg.lif
+    steps = int(round(float(p.presentation / lif.dt)))
+    batch = min(p.batch_images, len(images))
+    if len(images) % batch:
+        raise ConfigError(f"pretraining.n_images = {len(images)} must be a multiple of "
+                          f"pretraining.batch_images = {batch}")
+    k = float(np.sqrt(3.0 / layer.fan_in))
+    kernels = rng.uniform(-k, k, size=(layer.n_maps, layer.in_shape[0], layer.kernel,
+                                       layer.kernel))
+    v_th = p.v_th_alpha * k
+    theta = np.zeros(layer.n_maps)
+
+    use_device(cfg.device, directory=directory)
+    weights = {i: kt[0] for i, kt in frozen.items()}
+    thresholds = {i: kt[1] for i, kt in frozen.items()}
+    weights[index] = kernels
+    thresholds[index] = v_th
+    sn = build_network(topology, weights, thresholds, input_mode="stimulus",
+                       stimulus_steps=batch * steps, presentation=p.presentation,
+                       plastic_layer=index, up_to=index, lif=lif, pool=cfg.pooling,
+                       stdp=cfg.stdp, homeostasis=cfg.homeostasis, monitor=[index])
+    duration = batch * steps * lif.dt
+    t0 = time.perf_counter()
+    program = None
+    if is_standalone():
+        program = StandaloneProgram(sn.net, duration)
+        program.build()
+    build_s = time.perf_counter() - t0
+    kernel_group = sn.kernels[index]
+    maps = sn.maps[index]
+    spikes_per_image = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(images), desc=f"STDP layer {index}", unit="img", disable=not progress)
+    for start in range(0, len(images), batch):
+        table = stimulus_table(images[start:start + batch], steps, rng, p.max_rate)
+        if program is not None:
+            program.run({sn.stimulus: table, kernel_group.k: kernels.ravel(),
+                         maps.theta: theta})
+        else:
+            sn.stimulus.values[:] = table
+            sn.groups[0].t_start = sn.net.t
+            sn.net.run(duration)
+        kernels = np.asarray(kernel_group.k[:]).reshape(kernels.shape).copy()
+        theta = np.asarray(maps.theta[:]).copy()
+        mon = sn.monitors[index]
+        # standalone runs start at t = 0; the runtime clock continues across batches
+        offset = 0 if program is not None else start * steps
+        step = np.rint(np.asarray(mon.t_[:]) / float(lif.dt / second)).astype(np.int64) - offset
+        img = step[(step >= 0) & (step < batch * steps)] // steps
+        spikes_per_image.extend(np.bincount(img, minlength=batch).tolist())
+        bar.update(batch)
+        if not np.all(np.isfinite(kernels)):
+            raise FloatingPointError(f"layer {index}: kernels became non-finite; lower stdp.eta")
+    bar.close()
+    run_s = time.perf_counter() - t0
+    return {"kernels": kernels, "v_th_base": np.full(layer.n_maps, v_th), "theta": theta,
+            "thresholds": v_th + theta, "spikes_per_image": np.asarray(spikes_per_image),
+            "build_s": build_s, "run_s": run_s}
+
+
+def pretrain(cfg: PretrainConfig, images: np.ndarray, progress: bool = True) -> dict:
+    """Greedy layer-wise pre-training of every conv layer of ``cfg.topology``.
+
+    Returns the flat arrays of ``pretrained.npz`` and a summary for ``pretrained.json``.
+    """
+    import brian2
+
+    from models.batched import layer_names
+
+    layers = parse_topology(cfg.topology)
+    names = layer_names(layers)
+    rng = np.random.default_rng(cfg.seed)
+    brian2.seed(cfg.seed)
+    frozen: dict = {}
+    arrays: dict = {}
+    summary: dict = {"layers": {}}
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, ConvLayer):
+            continue
+        result = pretrain_layer(cfg.topology, index, frozen, images, rng, cfg, progress)
+        frozen[index] = (result["kernels"], result["thresholds"])
+        name = names[index]
+        for key in ("kernels", "thresholds", "theta", "v_th_base"):
+            arrays[f"{name}_{key}"] = result[key]
+        arrays[f"{name}_spikes_per_image"] = result["spikes_per_image"]
+        spk = result["spikes_per_image"]
+        summary["layers"][name] = {
+            "layer_index": index, "build_s": round(result["build_s"], 3),
+            "run_s": round(result["run_s"], 3),
+            "images_per_s": round(len(images) / result["run_s"], 2),
+            "spikes_per_image_first100": float(spk[:100].mean()),
+            "spikes_per_image_last100": float(spk[-100:].mean()),
+            "theta_mean": float(result["theta"].mean()),
+            "thresholds_mean": float(result["thresholds"].mean()),
+        }
+    return {"arrays": arrays, "summary": summary}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="TOML file (see configs/)")
+    parser.add_argument("--n-images", type=int, help="override pretraining.n_images")
+    parser.add_argument("--seed", type=int, help="override seed")
+    parser.add_argument("--device", help="override device (runtime, cpp_standalone)")
+    parser.add_argument("--out", help="override out (run directory)")
+    parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, PretrainConfig)
+    if args.n_images is not None:
+        cfg = dataclasses.replace(cfg, pretraining=dataclasses.replace(
+            cfg.pretraining, n_images=args.n_images,
+            batch_images=min(cfg.pretraining.batch_images, args.n_images)))
+    for key in ("seed", "device", "out"):
+        if getattr(args, key) is not None:
+            cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
+    from models.devices import check_device
+
+    check_device(cfg.device)
+    from protocols.datasets import load_dataset
+
+    data = load_dataset(cfg.dataset, args.data_dir)
+    n = cfg.pretraining.n_images
+    if n > len(data.train_images):
+        raise ConfigError(f"pretraining.n_images = {n} exceeds the {len(data.train_images)} "
+                          f"training images of {cfg.dataset!r}")
+    images = data.train_images[:n]
+    t0 = time.perf_counter()
+    result = pretrain(cfg, images, progress=not args.no_progress)
+    out = Path(cfg.out)
+    record = {"config": config_to_dict(cfg), "seed": cfg.seed, "versions": versions(),
+              "command": " ".join(sys.argv), "image_indices": f"train[0:{n}]",
+              "wall_s": round(time.perf_counter() - t0, 2), **result["summary"]}
+    arrays = dict(result["arrays"])
+    arrays["image_indices"] = np.arange(n)
+    arrays["seed"] = np.asarray(cfg.seed)
+    arrays["config_json"] = np.asarray(json.dumps(record["config"]))
+    arrays["versions_json"] = np.asarray(json.dumps(record["versions"]))
+    save_npz(out / "pretrained.npz", arrays)
+    atomic_write_bytes(out / "pretrained.json", json.dumps(record, indent=2).encode())
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {out / 'pretrained.npz'} and {out / 'pretrained.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Layer-wise pre-training protocol: determinism, frozen lower layers, config and file handling."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from brian2 import ms
+
+from models.parameters import PretrainingParameters
+from protocols.config import ConfigError, load_config
+from protocols.pretrain import PretrainConfig, load_pretrained, main, pretrain, save_npz
+
+TOPOLOGY = "14x14-3C3-2P-2C3-2P-2FC"
+
+
+def _config(seed=0):
+    return PretrainConfig(topology=TOPOLOGY, device="runtime", seed=seed,
+                          pretraining=PretrainingParameters(n_images=4, batch_images=2,
+                                                            presentation=10 * ms))
+
+
+def _images():
+    rng = np.random.default_rng(7)
+    return (rng.random((4, 14, 14)) * 255).astype(np.uint8)
+
+
+def test_same_seed_gives_identical_kernels_and_layers_are_trained_greedily():
+    a = pretrain(_config(seed=1), _images(), progress=False)["arrays"]
+    b = pretrain(_config(seed=1), _images(), progress=False)["arrays"]
+    c = pretrain(_config(seed=2), _images(), progress=False)["arrays"]
+    assert set(a) >= {"conv1_kernels", "conv1_thresholds", "conv2_kernels", "conv2_thresholds"}
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["conv1_kernels"], c["conv1_kernels"])
+    assert a["conv1_kernels"].shape == (3, 1, 3, 3) and a["conv2_kernels"].shape == (2, 3, 3, 3)
+    # effective thresholds = base + adapted theta; the layer fired, so theta moved
+    np.testing.assert_allclose(a["conv1_thresholds"], a["conv1_v_th_base"] + a["conv1_theta"])
+    assert a["conv1_spikes_per_image"].sum() > 0 and (a["conv1_theta"] > 0).any()
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('topology = "8x8-2C3-2FC"\n[stdp]\netta = 0.1\n')
+    with pytest.raises(ConfigError, match="etta"):
+        load_config(bad, PretrainConfig)
+    bad.write_text('[stdp]\ntau_pre = 10\n')
+    with pytest.raises(ConfigError, match="tau_pre"):
+        load_config(bad, PretrainConfig)
+    bad.write_text('[homeostasis]\ntau_theta = "5 mV"\n')
+    with pytest.raises(ConfigError, match="tau_theta"):
+        load_config(bad, PretrainConfig)
+    cfg = load_config("configs/pretrain_shallow.toml", PretrainConfig)
+    assert cfg.stdp.tau_pre == 10 * ms and cfg.topology == "28x28-36C5-2P-10FC"
+
+
+def test_npz_is_written_atomically_and_loads_without_pickle(tmp_path):
+    path = tmp_path / "run" / "pretrained.npz"
+    save_npz(path, {"conv1_kernels": np.ones((2, 1, 3, 3)), "seed": np.asarray(3)})
+    data = load_pretrained(path)
+    assert data["conv1_kernels"].shape == (2, 1, 3, 3) and int(data["seed"]) == 3
+    assert [p.name for p in path.parent.iterdir()] == ["pretrained.npz"]  # no temp file left
+
+
+def test_command_line_run_writes_record(tmp_path, monkeypatch):
+    import protocols.datasets as datasets
+
+    class Fake:
+        train_images = _images()
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, data_dir=None: Fake)
+    config = tmp_path / "c.toml"
+    config.write_text(f'topology = "{TOPOLOGY}"\ndevice = "runtime"\n[pretraining]\n'
+                      f'presentation = "10 ms"\nbatch_images = 2\n')
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--n-images", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "pretrained.json").read_text())
+    assert record["seed"] == 0 and "brian2" in record["versions"]
+    assert record["config"]["pretraining"]["n_images"] == 2
+    assert load_pretrained(out / "pretrained.npz")["conv2_kernels"].shape == (2, 3, 3, 3)
+    with pytest.raises(Exception, match="unknown device"):
+        main(["--config", str(config), "--device", "gpu", "--out", str(out)])
