@@ -94,6 +94,17 @@ def load_pretrained(path: str | os.PathLike) -> dict:
         return {k: data[k] for k in data.files}
 
 
+def pretraining_indices(n_train: int, n: int, seed: int) -> np.ndarray:
+    """The ``n`` training images used for pre-training: a seeded sample without replacement.
+
+    [choice] a random sample, not the first ``n``: mnist-5k is sorted by digit, so its first
+    1,000 images hold only 0s, 1s and 2s. The generator is spawned from the run's seed apart from
+    the one that draws spikes, so both streams stay independent; the order is the presentation order.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+    return rng.choice(n_train, size=n, replace=False)  # in presentation order
+
+
 def stimulus_table(images: np.ndarray, steps: int, rng: np.random.Generator,
                    max_rate) -> np.ndarray:
     """Poisson spikes of a batch of images laid end to end: ``(B·steps, C·H·W)`` float 0/1."""
@@ -259,15 +270,16 @@ def main(argv=None) -> int:
     if n > len(data.train_images):
         raise ConfigError(f"pretraining.n_images = {n} exceeds the {len(data.train_images)} "
                           f"training images of {cfg.dataset!r}")
-    images = data.train_images[:n]
+    indices = pretraining_indices(len(data.train_images), n, cfg.seed)
+    images = data.train_images[indices]
     t0 = time.perf_counter()
     result = pretrain(cfg, images, progress=not args.no_progress)
     out = Path(cfg.out)
     record = {"config": config_to_dict(cfg), "seed": cfg.seed, "versions": versions(),
-              "command": " ".join(sys.argv), "image_indices": f"train[0:{n}]",
+              "command": " ".join(sys.argv), "image_indices": f"{n} training images drawn without replacement (seed {cfg.seed})",
               "wall_s": round(time.perf_counter() - t0, 2), **result["summary"]}
     arrays = dict(result["arrays"])
-    arrays["image_indices"] = np.arange(n)
+    arrays["image_indices"] = indices
     arrays["seed"] = np.asarray(cfg.seed)
     arrays["config_json"] = np.asarray(json.dumps(record["config"]))
     arrays["versions_json"] = np.asarray(json.dumps(record["versions"]))
