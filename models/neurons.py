@@ -71,13 +71,16 @@ def lif_group(
     name: str,
     with_theta: bool = False,
     track_lastspike: bool = False,
+    clock=None,
 ) -> NeuronGroup:
     """A group of ``n`` LIF units with per-unit base threshold ``v_th`` (scalar or ``(n,)``).
 
     ``with_theta`` adds a linked homeostatic offset (threshold ``v >= v_th + theta``); link it
     with :func:`link_theta`. ``track_lastspike`` records ``lastspike`` at the threshold test,
     which a downstream STDP synapse reads as its pre-synaptic trace (refractory period 0:
-    the unit may fire in every step).
+    the unit may fire in every step). ``clock``: run on this Brian2 ``Clock`` (e.g.
+    ``defaultclock`` for brian2genn, which supports a single clock) instead of a clock of
+    ``lif.dt``.
     """
     eqs = LIF_THETA_EQS if with_theta else LIF_EQS
     threshold = "v >= v_th + theta" if with_theta else "v >= v_th"
@@ -89,7 +92,8 @@ def lif_group(
         refractory=0 * lif.dt if track_lastspike else False,
         method="exact",
         namespace={"tau_m": lif.tau_m},
-        dt=lif.dt,
+        dt=lif.dt if clock is None else None,
+        clock=clock,
         name=name,
     )
     v_th = np.broadcast_to(np.asarray(v_th, dtype=float), (n,))
@@ -98,9 +102,9 @@ def lif_group(
 
 
 def pooling_group(n: int, lif: LIFParameters, pool: PoolingParameters, name: str,
-                  track_lastspike: bool = False) -> NeuronGroup:
+                  track_lastspike: bool = False, clock=None) -> NeuronGroup:
     """Fixed pooling units: the same LIF membrane with threshold ``pool.v_th`` [paper: 0.8]."""
-    return lif_group(n, lif, pool.v_th, name, track_lastspike=track_lastspike)
+    return lif_group(n, lif, pool.v_th, name, track_lastspike=track_lastspike, clock=clock)
 
 
 def map_group(n_maps: int, homeo: HomeostasisParameters, dt, name: str) -> NeuronGroup:

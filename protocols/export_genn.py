@@ -1,0 +1,573 @@
+r"""Export a trained network as a brian2genn project for spiking inference on a GPU (SPEC §7).
+
+Run (in the GeNN environment, ``bash envs/make-genn-env.sh`` creates ``.venv-genn``)::
+
+    .venv-genn/bin/python -m protocols.export_genn --weights runs/x/final.npz \
+        [--topology 28x28-36C5-2P-10FC] [--n-images 100] [--dataset mnist-5k] \
+        [--duration 50ms] [--seed 0] [--cpu-only] --out runs/genn_shallow
+    .venv-genn/bin/python -m protocols.export_genn --init lee --seed 3 --out runs/genn_init
+    python -m protocols.export_genn --read runs/genn_shallow     # after building and running it
+
+``--weights`` takes a ``.npz`` in the format of :func:`models.batched.params_to_arrays`
+(``conv1_kernels`` ``(n_maps, C, k, k)``, ``conv1_thresholds`` ``(n_maps,)``, ``fc1_weights``
+``(n_out, n_in)``, ``fc1_thresholds`` ``(n_out,)``, ...), as written by the trainer and by
+``protocols.pretrain`` (a pre-training file has no FC layers: use the trainer's files).
+``--init lee|glorot`` exports a freshly initialised network instead (models/initialisation.py).
+
+What the project contains (brian2genn 1.7 cannot express linked variables, TimedArray,
+network_operation, more than one ``run()``, or more than one clock):
+
+* **input**: one SpikeGeneratorGroup playing pre-drawn Poisson spikes
+  (:func:`protocols.encoding.poisson_spikes`, seeded ``numpy.random.Generator``) of all N test
+  images one after another. Image n owns the *slot* of steps ``[n·S, (n+1)·S)`` with
+  ``S = T + gap``: T steps of input, then ``gap`` silent steps;
+* **layers**: the LIF groups of :mod:`models.neurons` (the same equation, threshold and reset
+  strings as the Brian2 model and the trainer), all on Brian2's ``defaultclock``;
+* **synapses**: every conv kernel entry is *copied* into the per-synapse weight ``w`` of each
+  position sharing it (index maps of :func:`models.synapses.conv_connectivity`); pooling and FC
+  synapses as in :mod:`models.synapses`; every pathway only writes ``v_post += w``;
+* **independence of images**: every membrane is set to 0 at the start of each slot by a
+  ``run_regularly('v = 0', dt=S·dt, when='start')`` operation (brian2genn runs these on the host
+  between GeNN steps and pushes ``v`` to the device). The gap defaults to the network depth
+  (see the lag below), so every spike an image causes falls inside its own slot and the reset
+  never cuts a response short: the images are exactly independent, not just approximately
+  (a silent gap alone would only shrink the residue by :math:`e^{-gap/\tau_m}`);
+* **read-back**: a SpikeMonitor on the output layer; spike counts per image and slot.
+
+**Schedule and lag.** GeNN, in each step, first delivers the spikes emitted in the *previous*
+step (``v += w`` via the post-synaptic model), then integrates (``v ← e^{-dt/τm} v``), tests the
+threshold and resets; brian2genn ignores Brian2's ``when``/``order``. Compared with the Brian2
+model / trainer schedule of SPEC §2 (:math:`V[t] = d V[t-1] + \sum w s[t]`, a spike crosses
+every layer in the step it is emitted) this gives
+
+.. math::
+    V[t] = d\,(V[t-1] + \textstyle\sum w\, s[t-1]),
+
+i.e. one step of lag per synaptic layer *and* an extra factor :math:`d = e^{-dt/\tau_m}` on
+every input. The export divides every weight (including the fixed pooling weight) by ``d``
+(``--no-decay-compensation`` turns this off), which makes the GeNN network the trainer's network
+exactly, with layer l's spikes delayed by l steps: the output classification (spike counts, ties
+broken by the activation trace, :func:`protocols.bp.predict`) is the trainer's. The Brian2
+equivalent of GeNN's order is ``pathway.when = 'before_groups'``, which the builder sets so that
+the same network run on Brian2's runtime device (:func:`emulate`, no GPU needed) reproduces what
+GeNN computes; ``tests/test_export_genn.py`` checks that against :func:`models.batched.forward`.
+
+Without GeNN (no ``GENN_PATH``, no ``genn-buildmodel.sh`` on the PATH) the code is generated
+and the command prints how to build and run it; with GeNN it is built, run (``--cpu-only`` for
+GeNN's CPU backend) and read back into spike counts and accuracy. ``manifest.json`` in the
+project records the layers, unit and synapse counts, the timeline, the labels and the names of
+the result files, so ``--read`` can score a project that was built and run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.parameters import InputParameters, LIFParameters, PoolingParameters
+from models.topology import SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology
+
+#: manifest format version
+MANIFEST_VERSION = 1
+
+
+class ExportError(ValueError):
+    """Weights, images or options that do not make an exportable network."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What is exported: parameters and the input timeline
+
+
+def load_params(topology: str, weights: str | os.PathLike | None = None,
+                init: str | None = None, seed: int = 0):
+    """``(layers, params)`` from a weights ``.npz`` or a fresh initialisation (``init``)."""
+    from models.batched import params_from_arrays
+
+    layers = parse_topology(topology)
+    if (weights is None) == (init is None):
+        raise ExportError("give exactly one of a weights file (--weights) or --init lee|glorot")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise ExportError(f"weights file {path} does not exist")
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        try:
+            params = params_from_arrays(layers, arrays, dtype=np.float64)
+        except KeyError as err:
+            raise ExportError(
+                f"{path} lacks {err} for {topology!r}; it needs conv{{i}}_kernels, "
+                f"conv{{i}}_thresholds, fc{{i}}_weights, fc{{i}}_thresholds (a pre-training file "
+                f"has no FC layers: export a trainer checkpoint, or use --init)") from None
+        except ValueError as err:
+            raise ExportError(f"{path} does not fit {topology!r}: {err}") from None
+        return layers, params
+    from models.initialisation import initialise
+
+    params = initialise(layers, np.random.default_rng(seed), scheme=init, dtype=np.float64)
+    return layers, params
+
+
+@dataclass
+class Presentation:
+    """N images as Poisson spike trains laid end to end, one slot of ``T + gap`` steps each."""
+
+    spikes: np.ndarray  # bool (T, N, C, H, W)
+    labels: np.ndarray  # (N,) int
+    image_indices: np.ndarray  # (N,) indices into the dataset split
+    gap: int
+    dataset: str = ""
+    split: str = "test"
+
+    @property
+    def steps(self) -> int:
+        return int(self.spikes.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.spikes.shape[1])
+
+    @property
+    def slot(self) -> int:
+        return self.steps + self.gap
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_images * self.slot
+
+    def timeline(self) -> tuple[np.ndarray, np.ndarray]:
+        """SpikeGeneratorGroup ``(indices, steps)``, sorted by step: image n starts at n·slot."""
+        T, N = self.spikes.shape[:2]
+        flat = self.spikes.reshape(T, N, -1)
+        t, n, unit = np.nonzero(flat)
+        steps = n.astype(np.int64) * self.slot + t
+        order = np.lexsort((unit, steps))
+        return unit[order].astype(np.int32), steps[order]
+
+
+def draw_presentation(dataset: str, n_images: int, duration, seed: int, gap: int,
+                      split: str = "test", first: int = 0,
+                      max_rate=InputParameters().max_rate, lif=LIFParameters(),
+                      channels: int = 1) -> Presentation:
+    """Images ``first .. first+n_images`` of a dataset split as seeded Poisson spike trains."""
+    from protocols.datasets import load_dataset
+    from protocols.encoding import poisson_spikes
+
+    data = load_dataset(dataset)
+    images = data.test_images if split == "test" else data.train_images
+    labels = data.test_labels if split == "test" else data.train_labels
+    if not 0 < n_images <= len(images) - first:
+        raise ExportError(f"{dataset} {split} split has {len(images)} images; cannot take "
+                          f"{n_images} from index {first}")
+    if channels != 1:
+        raise ExportError(f"{dataset} images have one channel; the topology asks for {channels}")
+    idx = np.arange(first, first + n_images)
+    spikes = poisson_spikes(images[idx], duration, np.random.default_rng(seed),
+                            max_rate=max_rate, dt=lif.dt)
+    return Presentation(spikes[:, :, None], labels[idx].astype(np.int64), idx, int(gap),
+                        dataset, split)
+
+
+# ----------------------------------------------------------------------------------------------
+# The brian2genn-compatible network
+
+
+@dataclass
+class ExportedNetwork:
+    """Brian2 objects of the exported network and what the manifest says about them."""
+
+    objects: list
+    groups: list
+    synapses: list
+    monitors: dict  # layer index -> SpikeMonitor
+    n_units: list  # per layer
+    n_synapses: list  # per layer (incoming; 0 for the input)
+    weight_scale: float
+    layer_names: list = field(default_factory=list)
+
+
+def build_export(layers, params, presentation: Presentation, *, lif=LIFParameters(),
+                 pool=PoolingParameters(), decay_compensation: bool = True,
+                 monitor_all: bool = False) -> ExportedNetwork:
+    """The network for brian2genn (also runs on Brian2's runtime device, with GeNN's schedule).
+
+    Every group runs on ``defaultclock`` (set ``defaultclock.dt = lif.dt`` before running).
+    """
+    from brian2 import SpikeGeneratorGroup, SpikeMonitor, Synapses, defaultclock
+
+    from models import neurons
+    from models.synapses import conv_connectivity, pool_connectivity
+
+    if presentation.gap < 0:
+        raise ExportError("gap must be >= 0 steps")
+    dt = lif.dt
+    scale = 1.0 / lif.decay if decay_compensation else 1.0
+    idx, steps = presentation.timeline()
+    n_in = int(np.prod(layers[0].shape))
+    inp = SpikeGeneratorGroup(n_in, idx, steps * dt, name="layer0_input")
+    groups, syns, objects = [inp], [None], [inp]
+    n_units, n_syn, names = [n_in], [0], [inp.name]
+    for index, layer in enumerate(layers[1:], start=1):
+        name = f"layer{index}_{layer.kind}"
+        n = int(np.prod(layer.shape))
+        if isinstance(layer, PoolLayer):
+            group = neurons.pooling_group(n, lif, pool, name, clock=defaultclock)
+            pre, post = pool_connectivity(layer)
+            syn = Synapses(groups[-1], group, on_pre=f"v_post += {pool.weight * scale!r}",
+                           name=f"{name}_in")
+            syn.connect(i=pre, j=post)
+        else:
+            p = params[index]
+            th = np.asarray(p.thresholds, dtype=float)
+            if isinstance(layer, ConvLayer):
+                vth = np.repeat(np.broadcast_to(th, (layer.n_maps,)),
+                                layer.shape[1] * layer.shape[2])
+                pre, post, kidx = conv_connectivity(layer)
+                w = np.asarray(p.weights, dtype=float).ravel()[kidx]  # kernel copied per synapse
+            elif isinstance(layer, FCLayer):
+                vth = np.broadcast_to(th, (n,)).copy()
+                post, pre = np.meshgrid(np.arange(layer.n, dtype=np.int32),
+                                        np.arange(layer.fan_in, dtype=np.int32), indexing="ij")
+                pre, post = pre.ravel(), post.ravel()
+                w = np.asarray(p.weights, dtype=float).ravel()  # (n_out, n_in) row-major
+            else:  # pragma: no cover - parse_topology yields no other kinds
+                raise ExportError(f"layer {index}: cannot export a {layer.kind} layer")
+            if not np.all(np.isfinite(w)) or not np.all(np.isfinite(vth)):
+                raise ExportError(f"layer {index} ({layer.kind}): weights or thresholds are not "
+                                  f"finite")
+            group = neurons.lif_group(n, lif, vth, name, clock=defaultclock)
+            syn = Synapses(groups[-1], group, model="w : 1", on_pre="v_post += w",
+                           name=f"{name}_in")
+            syn.connect(i=pre, j=post)
+            syn.w = w * scale
+        # GeNN's order: deliver the previous step's spikes, then integrate, test, reset
+        syn.pre.when = "before_groups"
+        groups.append(group)
+        syns.append(syn)
+        objects += [group, syn]
+        n_units.append(n)
+        n_syn.append(int(len(pre)))
+        names.append(name)
+    # every membrane starts each image's slot at 0 (brian2genn recognises run_regularly
+    # operations by "_run_regularly" in their name and drops others silently)
+    for group in groups[1:]:
+        objects.append(group.run_regularly("v = 0", dt=presentation.slot * dt, when="start",
+                                           name=f"{group.name}_run_regularly"))
+    monitored = range(len(layers)) if monitor_all else [len(layers) - 1]
+    monitors = {}
+    for index in monitored:
+        mon = SpikeMonitor(groups[index], name=f"{groups[index].name}_spikes")
+        monitors[index] = mon
+        objects.append(mon)
+    return ExportedNetwork(objects, groups, syns, monitors, n_units, n_syn, scale, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading spikes back
+
+
+def slot_counts(i: np.ndarray, step: np.ndarray, n_units: int, presentation_steps: int,
+                gap: int, n_images: int, lag: int, tau_p_steps: float):
+    """Per-image spike counts ``(N, n_units)`` and activation traces at the (lagged) last step.
+
+    ``step``: spike times in steps. Spikes of slot n belong to image n; the trace is
+    :math:`\\sum_k e^{-(T-1-(t_k - lag))/\\tau_p}` as the trainer computes it at step T-1.
+    """
+    slot = presentation_steps + gap
+    i = np.asarray(i, dtype=np.int64)
+    step = np.asarray(step, dtype=np.int64)
+    image, within = np.divmod(step, slot)
+    keep = image < n_images
+    image, within, i = image[keep], within[keep], i[keep]
+    counts = np.zeros((n_images, n_units), dtype=np.int64)
+    np.add.at(counts, (image, i), 1)
+    age = (presentation_steps - 1) - (within - lag)
+    trace = np.zeros((n_images, n_units))
+    np.add.at(trace, (image, i), np.exp(-age / tau_p_steps))
+    return counts, trace
+
+
+def score(counts: np.ndarray, trace: np.ndarray, labels: np.ndarray) -> dict:
+    """Predictions (:func:`protocols.bp.predict`) and accuracy of per-image output counts."""
+    from protocols.bp import predict
+
+    pred = np.asarray(predict(counts, trace))
+    labels = np.asarray(labels)
+    return {"predictions": pred.tolist(), "accuracy": float(np.mean(pred == labels)),
+            "silent_images": int(np.sum(counts.sum(axis=1) == 0)),
+            "output_spikes_per_image": float(counts.sum() / max(len(labels), 1))}
+
+
+def _tau_p_steps(lif: LIFParameters) -> float:
+    from models.parameters import BPParameters
+
+    return float(BPParameters().tau_p / lif.dt)
+
+
+def read_results(project: str | os.PathLike) -> dict:
+    """Score a project that was built and run (by this command or by hand): counts, accuracy."""
+    project = Path(project)
+    manifest_path = project / "manifest.json"
+    if not manifest_path.is_file():
+        raise ExportError(f"{manifest_path} not found; is {project} a project written by "
+                          f"protocols.export_genn?")
+    manifest = json.loads(manifest_path.read_text())
+    out = manifest["output"]
+    files = {k: project / "results" / v for k, v in out["result_files"].items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ExportError(f"results missing ({', '.join(missing)}): build and run the project "
+                          f"first (see {project / 'BUILD.txt'})")
+    i = np.fromfile(files["i"], dtype=np.int32)
+    t = np.fromfile(files["t"], dtype=np.float64)
+    step = np.rint(t / manifest["dt_s"]).astype(np.int64)
+    tl = manifest["timeline"]
+    counts, trace = slot_counts(i, step, out["n_units"], tl["presentation_steps"],
+                                tl["gap_steps"], tl["n_images"], out["lag_steps"],
+                                manifest["tau_p_steps"])
+    result = score(counts, trace, np.asarray(manifest["labels"]))
+    result["counts"] = counts.tolist()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Generating, building, running
+
+
+def genn_path() -> str | None:
+    """GeNN's root folder: ``$GENN_PATH``, else the folder above ``genn-buildmodel.sh`` on PATH."""
+    if os.environ.get("GENN_PATH"):
+        return os.environ["GENN_PATH"]
+    found = shutil.which("genn-buildmodel.sh")
+    return os.path.dirname(os.path.dirname(found)) if found else None
+
+
+def build_instructions(project: Path, use_gpu: bool, duration_s: float) -> str:
+    cpu = "" if use_gpu else " -c"
+    cuda = ("export CUDA_PATH=/usr/local/cuda          # CUDA toolkit used by GeNN's CUDA backend\n"
+            if use_gpu else "")
+    return (
+        f"# GeNN 4.x (>= 4.2.1; brian2genn 1.7 does not support GeNN 5) is needed to build:\n"
+        f"#   git clone -b 4.9.0 https://github.com/genn-team/genn.git && export GENN_PATH=$PWD/genn\n"
+        f"{cuda}"
+        f"cd {project}\n"
+        f"$GENN_PATH/bin/genn-buildmodel.sh{cpu} -i {project}:{project}/brianlib/randomkit "
+        f"magicnetwork_model.cpp\n"
+        f"make\n"
+        f"./main test {duration_s!r}\n"
+        f"cd - && python -m protocols.export_genn --read {project}\n"
+        f"# or, with GENN_PATH set, re-run the export: it builds, runs and reads back itself\n"
+        f"# (generated for {'the GPU (CUDA backend)' if use_gpu else 'the CPU backend'}; "
+        f"{'--cpu-only' if use_gpu else '--use-gpu'} generates for the other)\n"
+    )
+
+
+def export(topology: str, params, layers, presentation: Presentation, out: str | os.PathLike,
+           *, use_gpu: bool = True, build: bool | None = None, lif=LIFParameters(),
+           pool=PoolingParameters(), decay_compensation: bool = True, source: str = "",
+           seed: int = 0) -> dict:
+    """Write the brian2genn project into ``out``; build and run it when GeNN is found.
+
+    ``build``: None = when GeNN is found; True = required (error without GeNN); False = never.
+    Returns the manifest (plus ``result`` when it ran).
+    """
+    import brian2
+    import brian2genn  # noqa: F401  (registers the 'genn' device)
+    from brian2 import defaultclock, device, prefs, set_device
+
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not (out / "manifest.json").is_file():
+            raise ExportError(f"{out} exists and is not an export project; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = genn_path()
+    if build is None:
+        build = root is not None
+    if build and root is None:
+        raise ExportError("building needs GeNN: set GENN_PATH to a GeNN 4.x checkout "
+                          "(or put its bin/ on PATH)")
+    if build:
+        prefs.devices.genn.path = root
+    prefs.core.default_float_dtype = np.float64
+    set_device("genn", directory=str(out), compile=build, run=build, use_GPU=use_gpu,
+               with_output=True)
+    defaultclock.dt = lif.dt
+    net_parts = build_export(layers, params, presentation, lif=lif, pool=pool,
+                             decay_compensation=decay_compensation)
+    from brian2 import Network
+
+    net = Network(*net_parts.objects)
+    duration = presentation.total_steps * lif.dt
+    t0 = time.perf_counter()
+    net.run(duration)  # generates (and, with GeNN, builds and runs) the project
+    elapsed = time.perf_counter() - t0
+    last = len(layers) - 1
+    mon = net_parts.monitors[last]
+    manifest = {
+        "format": MANIFEST_VERSION,
+        "topology": topology,
+        "source": source,
+        "seed": seed,
+        "dt_s": float(lif.dt / brian2.second),
+        "tau_m_s": float(lif.tau_m / brian2.second),
+        "reset": lif.reset,
+        "tau_p_steps": _tau_p_steps(lif),
+        "weight_scale": net_parts.weight_scale,
+        "decay_compensation": decay_compensation,
+        "use_gpu": use_gpu,
+        "layers": [{"name": nm, "kind": layer.kind, "shape": list(layer.shape), "units": nu,
+                    "incoming_synapses": ns}
+                   for nm, layer, nu, ns in zip(net_parts.layer_names, layers,
+                                                 net_parts.n_units, net_parts.n_synapses)],
+        "timeline": {"n_images": presentation.n_images,
+                     "presentation_steps": presentation.steps, "gap_steps": presentation.gap,
+                     "slot_steps": presentation.slot, "total_steps": presentation.total_steps,
+                     "input_spikes": int(presentation.spikes.sum())},
+        "dataset": presentation.dataset, "split": presentation.split,
+        "image_indices": presentation.image_indices.tolist(),
+        "labels": presentation.labels.tolist(),
+        "output": {"layer": last, "n_units": net_parts.n_units[last], "lag_steps": last,
+                   "monitor": mon.name,
+                   "result_files": {
+                       "i": os.path.basename(device.get_array_filename(mon.variables["i"])),
+                       "t": os.path.basename(device.get_array_filename(mon.variables["t"]))}},
+        "versions": {"python": sys.version.split()[0], "brian2": brian2.__version__,
+                     "brian2genn": brian2genn.__version__, "numpy": np.__version__},
+        "built": bool(build),
+        "generate_or_run_s": round(elapsed, 3),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / "BUILD.txt").write_text(build_instructions(out, use_gpu,
+                                                      float(duration / brian2.second)))
+    if build:
+        steps = np.rint(np.asarray(mon.t[:] / lif.dt)).astype(np.int64)
+        counts, trace = slot_counts(np.asarray(mon.i[:]), steps, net_parts.n_units[last],
+                                    presentation.steps, presentation.gap,
+                                    presentation.n_images, last, _tau_p_steps(lif))
+        manifest["result"] = score(counts, trace, presentation.labels)
+    return manifest
+
+
+def emulate(layers, params, presentation: Presentation, *, lif=LIFParameters(),
+            pool=PoolingParameters(), decay_compensation: bool = True, monitor_all=False,
+            codegen_target: str = "numpy"):
+    """Run the exported network on Brian2's runtime device (GeNN's schedule), no GPU needed.
+
+    Returns ``(ExportedNetwork, spikes)`` with ``spikes[l]`` = ``(i, step)`` of monitored layer l.
+    """
+    from brian2 import Network, defaultclock, prefs, set_device
+
+    set_device("runtime")
+    prefs.codegen.target = codegen_target
+    defaultclock.dt = lif.dt
+    parts = build_export(layers, params, presentation, lif=lif, pool=pool,
+                         decay_compensation=decay_compensation, monitor_all=monitor_all)
+    Network(*parts.objects).run(presentation.total_steps * lif.dt)
+    spikes = {l: (np.asarray(m.i[:]), np.rint(np.asarray(m.t[:] / lif.dt)).astype(np.int64))
+              for l, m in parts.monitors.items()}
+    return parts, spikes
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _duration(text: str):
+    from protocols.config import parse_quantity
+    from brian2 import ms
+
+    return parse_quantity(text, 1 * ms, "--duration")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the GeNN and brian2cuda exports."""
+    parser.add_argument("--topology", default=SHALLOW, help=f"network (default {SHALLOW})")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="trained network .npz (conv{i}_kernels, fc{i}_weights, "
+                                       "..._thresholds)")
+    src.add_argument("--init", choices=("lee", "glorot"),
+                     help="export a freshly initialised network (seeded by --seed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the Poisson input (and of --init); default 0")
+    parser.add_argument("--dataset", default="mnist-5k", help="default mnist-5k (offline)")
+    parser.add_argument("--split", default="test", choices=("test", "train"))
+    parser.add_argument("--first-image", type=int, default=0)
+    parser.add_argument("--n-images", type=int, default=10)
+    parser.add_argument("--duration", default="50 ms",
+                        help="presentation per image (default 50 ms, the paper's later epochs)")
+    parser.add_argument("--out", required=False, help="project directory to write")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m protocols.export_genn",
+                                     description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--gap", type=int, default=None,
+                        help="silent steps after each image (default: network depth)")
+    gpu = parser.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=True,
+                     help="generate for GeNN's CUDA backend (default)")
+    gpu.add_argument("--cpu-only", dest="use_gpu", action="store_false",
+                     help="generate for GeNN's single-threaded CPU backend")
+    parser.add_argument("--no-build", action="store_true",
+                        help="only generate, even when GeNN is found")
+    parser.add_argument("--no-decay-compensation", action="store_true",
+                        help="keep the weights as trained (GeNN then scales inputs by e^-dt/tau_m)")
+    parser.add_argument("--read", metavar="PROJECT",
+                        help="score a project that was built and run; nothing is generated")
+    args = parser.parse_args(argv)
+
+    if args.read:
+        result = read_results(args.read)
+        print(json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=1))
+        return 0
+    if not args.out:
+        parser.error("--out is required (the project directory to write)")
+    if args.weights is None and args.init is None:
+        parser.error("give --weights FILE or --init lee|glorot")
+    try:
+        import brian2genn  # noqa: F401
+    except ImportError:
+        parser.error("brian2genn is not importable in this environment; run "
+                     "`bash envs/make-genn-env.sh` and use .venv-genn/bin/python")
+    lif = LIFParameters()
+    layers, params = load_params(args.topology, args.weights, args.init, args.seed)
+    gap = len(layers) - 1 if args.gap is None else args.gap
+    pres = draw_presentation(args.dataset, args.n_images, _duration(args.duration), args.seed,
+                             gap, split=args.split, first=args.first_image, lif=lif,
+                             channels=layers[0].shape[0])
+    source = args.weights or f"init={args.init} seed={args.seed}"
+    t0 = time.perf_counter()
+    manifest = export(args.topology, params, layers, pres, args.out, use_gpu=args.use_gpu,
+                      build=False if args.no_build else None,
+                      decay_compensation=not args.no_decay_compensation, source=source,
+                      seed=args.seed)
+    wall = time.perf_counter() - t0
+    out = Path(args.out).resolve()
+    summary = {"project": str(out), "layers": manifest["layers"],
+               "timeline": manifest["timeline"], "built": manifest["built"],
+               "export_wall_s": round(wall, 2)}
+    if "result" in manifest:
+        summary["accuracy"] = manifest["result"]["accuracy"]
+        summary["output_spikes_per_image"] = manifest["result"]["output_spikes_per_image"]
+    print(json.dumps(summary, indent=1))
+    if not manifest["built"]:
+        print("\nGeNN not found (no GENN_PATH, no genn-buildmodel.sh on PATH): code generated "
+              "only. To build and run it:\n")
+        print((out / "BUILD.txt").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
