@@ -1,0 +1,190 @@
+"""Throughput of the batched spike-based BP trainer, beside the machine's float32 matmul rate.
+
+For the shallow (28x28-36C5-2P-10FC) and deep (28x28-20C5-2P-50C5-2P-200FC-10FC) nets, one
+training iteration = Poisson encoding + spiking forward pass + backward pass + SGD step on a
+mini-batch of 100 real MNIST images at T = 50 steps (the later-epoch presentation). Reported:
+
+* images/s of training, and the time per phase (encode, forward, backward, sgd);
+* achieved **dense-equivalent** GFLOP/s: the floating-point operations a dense implementation
+  would do (2 per multiply-add of every synapse at every step in the forward pass; the weight
+  gradients and back-propagated errors once per presentation in the backward pass), divided by
+  the measured time. The forward pass here is event-driven (a presynaptic spike adds its weight
+  row; a silent input costs nothing), so it can beat a dense implementation's FLOP rate;
+* the spike rates of every layer: the event-driven forward pass costs more the more spikes,
+  so the numbers belong to the weights measured (``--weights`` of a trained run, or the Lee
+  initialisation); the SGD step is computed and applied with η = 0 so the network stays fixed;
+* the float32 matmul rate of the same machine in the same run (2048×2048 sgemm, numpy's BLAS)
+  and the ratio.
+
+Run::
+
+    python benchmarks/bench_trainer.py [--iterations 10] [--batch 100] [--steps 50] [--json out.json]
+        [--topology T --weights runs/x/final.npz ...]
+
+MNIST is read through protocols.datasets (set MNIST_DIR); ``--synthetic`` uses random images of
+MNIST-like mean intensity (0.13) instead. Numbers taken while other processes load the CPU are
+pessimistic: the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from brian2 import ms  # noqa: E402
+
+from models.batched import forward, params_from_arrays  # noqa: E402
+from models.initialisation import initialise  # noqa: E402
+from models.parameters import BPParameters, LIFParameters  # noqa: E402
+from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
+from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
+from protocols.encoding import poisson_spikes  # noqa: E402
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def dense_flops(layers, T: int, batch: int) -> dict:
+    """Dense-equivalent FLOPs of one iteration (forward over T steps, backward once)."""
+    fwd = bwd = 0
+    for i, layer in enumerate(layers[1:], start=1):
+        units = int(np.prod(layer.shape))
+        if isinstance(layer, (ConvLayer, FCLayer)):
+            macs = units * layer.fan_in
+            fwd += 2 * macs * T * batch
+            bwd += 2 * macs * batch * (2 if i > 1 else 1)  # weight gradient (+ error to layer below)
+        elif isinstance(layer, PoolLayer):
+            fwd += 2 * units * layer.size**2 * T * batch
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
+          weights: str | None = None) -> dict:
+    layers = parse_topology(topology)
+    rng = np.random.default_rng(0)
+    params = initialise(layers, rng)
+    if weights and weights != "init":
+        with np.load(weights, allow_pickle=False) as data:
+            params = params_from_arrays(layers, {k: data[k] for k in data.files})
+    bp = BPParameters()
+    lif = LIFParameters()
+    tau_p = tau_steps(bp.tau_p, lif.dt)
+    phases = {"encode": 0.0, "forward": 0.0, "backward": 0.0, "sgd": 0.0}
+    for it in range(iterations + 1):  # iteration 0 warms up (numba compilation, caches)
+        idx = rng.integers(0, len(labels), batch)
+        t0 = time.perf_counter()
+        x = poisson_spikes(images[idx], steps * ms, rng)
+        t1 = time.perf_counter()
+        out = forward(layers, params, x, tau_p=tau_p, keep_spikes=False)
+        t2 = time.perf_counter()
+        grads, _ = backward(layers, params, out, labels[idx], bp)
+        t3 = time.perf_counter()
+        # the step is applied with eta = 0: same work, but the network (and so its spike
+        # counts, which set the cost of the event-driven forward pass) stays the one measured
+        sgd_step(params, grads, 0.0)
+        t4 = time.perf_counter()
+        if it == 0:
+            continue
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key] += dt
+    total = sum(phases.values())
+    flops = dense_flops(layers, steps, batch)
+    per_iter = total / iterations
+    rates = [float(c.mean()) / steps for c in out.count[1:]]
+    return {
+        "topology": topology,
+        "iterations": iterations,
+        "batch": batch,
+        "steps": steps,
+        "s_per_iteration": per_iter,
+        "images_per_s": batch / per_iter,
+        "phase_s_per_iteration": {k: v / iterations for k, v in phases.items()},
+        "phase_fraction": {k: v / total for k, v in phases.items()},
+        "dense_gflop_per_iteration": flops["total"] / 1e9,
+        "dense_gflops_achieved": flops["total"] / per_iter / 1e9,
+        "forward_dense_gflops_achieved": flops["forward"] / (phases["forward"] / iterations) / 1e9,
+        "spike_rate_per_layer_per_step": rates,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--topology", action="append", help="default: shallow and deep")
+    parser.add_argument("--synthetic", action="store_true", help="random images, no MNIST")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--weights", action="append",
+                        help="trained weights (final.npz / checkpoint.npz of a run), one per "
+                             "--topology; 'init' or default: the Lee initialisation")
+    args = parser.parse_args(argv)
+
+    if args.synthetic:
+        rng = np.random.default_rng(1)
+        images = (rng.random((1000, 28, 28)) < 0.13).astype(np.uint8) * 255
+        labels = rng.integers(0, 10, 1000)
+        source = "synthetic"
+    else:
+        from protocols.datasets import load_dataset
+
+        data = load_dataset("mnist")
+        images, labels, source = data.train_images, np.asarray(data.train_labels), data.source
+    load_before = os.getloadavg()
+    gemm = sgemm_gflops()
+    results = []
+    topologies = args.topology or [SHALLOW, DEEP]
+    weights = args.weights or [None] * len(topologies)
+    if len(weights) != len(topologies):
+        parser.error("give one --weights per --topology")
+    for topo, w in zip(topologies, weights):
+        r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w)
+        r["weights"] = w if w and w != "init" else "initialisation"
+        r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
+        results.append(r)
+    gemm_after = sgemm_gflops()
+    record = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "data": source,
+        "sgemm_2048_gflops": {"before": gemm, "after": gemm_after},
+        "results": results,
+    }
+    print(f"float32 sgemm 2048x2048: {gemm:.1f} GFLOP/s before, {gemm_after:.1f} after; "
+          f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    for r in results:
+        ph = ", ".join(f"{k} {v * 1000:.1f} ms ({r['phase_fraction'][k]:.0%})"
+                       for k, v in r["phase_s_per_iteration"].items())
+        print(f"{r['topology']}: {r['images_per_s']:.0f} images/s "
+              f"({r['s_per_iteration'] * 1000:.0f} ms per iteration of {r['batch']} at T = "
+              f"{r['steps']}); dense-equivalent {r['dense_gflops_achieved']:.1f} GFLOP/s = "
+              f"{r['ratio_to_sgemm']:.0%} of sgemm (forward alone "
+              f"{r['forward_dense_gflops_achieved']:.1f} GFLOP/s)\n    per phase: {ph}\n"
+              f"    weights: {r['weights']}; spikes per unit per step by layer: "
+              + ", ".join(f"{x:.4f}" for x in r["spike_rate_per_layer_per_step"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+r"""Spike-based BP fine-tuning: the rate-based backward pass and the SGD step (SPEC §4).
+
+The forward pass is spiking (:func:`models.batched.forward`). Once per presentation of T steps
+the backward pass reads, for every layer, the activation at the last step [paper]
+
+.. math::
+    a[t] = e^{-dt/\tau_p}\, a[t-1] + s[t]
+
+and computes
+
+.. math::
+    p = a^L / \textstyle\sum a^L, \quad e = p - \text{label}, \quad
+    E = \tfrac12 \textstyle\sum e^2, \quad \text{NLL} = -\textstyle\sum \text{label}\,\log p
+
+    \delta^L = e \odot a'(net^L), \qquad
+    \delta^h = \big((W^h)^\top \delta^{h+1}\big) \odot a'(net^h), \qquad
+    \Delta W^l = \delta^{l+1}\, (\hat a^l)^\top, \qquad W \leftarrow W - \eta_{BP}\,\Delta W
+
+Reading of the parts the paper's surviving text leaves open (all [recon], options in
+:class:`models.parameters.BPParameters`):
+
+* ``p`` when the output layer is silent (Σa = 0): p = 0, so e = −label (drives the label unit
+  up); the NLL uses max(p, 1e-12) (guard of log 0).
+* The error is not multiplied by the Jacobian of the normalisation p = a/Σa (the paper's
+  δ^L = e ⊙ a').
+* Pseudo-derivative ``a'`` (option ``derivative``):
+  ``lee2018`` :math:`1 + da/dt \approx 1 - a/\tau_p` (the delta at each spike dropped, "adding a
+  unity value to the time derivative of the activation");
+  ``lee2020`` :math:`\frac{1}{v_{th}}\big(1 - \frac{1}{\gamma\,\tau_m}\sum_k e^{-(T-1-t_k)/\tau_m}\big)`
+  with γ the spike count (1/v_th for a silent unit);
+  ``straight_through``: 1.
+  Observed with ``lee2018`` (shallow net, η = 10, T = 100, seed 0): an output unit driven to
+  fire at every step has a = a_max ≈ τ_p + 0.5 > τ_p, so a' < 0 flips the sign of its gradient
+  and the unit stays saturated (test error stuck near 80 % after 300 iterations). ``lee2020``
+  does not vanish at saturation (1 − a_m/(γ τ_m) ≈ 1 for γ ≈ T).
+* Normalised activation ``â`` (option ``activation_norm``): ``max``: a / a_max with
+  a_max = Σ_{t<T} e^{-t/τ_p}, the activation of a unit that fires at every step, so â ∈ [0, 1]
+  whatever τ_p and T (default); ``T``: a / T.
+* Every spiking layer is a hidden layer of the recursion, pooling included: its fixed weights
+  w_pool pass δ down (each input unit of a window receives w_pool · δ of its pooling unit) and
+  its own a' multiplies, as for any LIF unit.
+* Batch: ΔW is the mean over the images of the mini-batch. Convolutions: ΔK is in addition the
+  **mean** over the output positions sharing the kernel entry [paper: "we average the partial
+  derivatives over the output map connections sharing the particular weight"].
+* Thresholds are not trained: the paper fine-tunes the synaptic weights only ("fine-tuning the
+  synaptic weights with spike-based supervised gradient descent"); thresholds stay at their
+  initialised or pre-trained values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from models.batched import Forward, LayerParams
+from models.parameters import BPParameters, LIFParameters, PoolingParameters
+from models.topology import ConvLayer, FCLayer, Layer, PoolLayer
+
+DERIVATIVES = ("lee2018", "lee2020", "straight_through")
+NLL_FLOOR = 1e-12
+
+
+def tau_steps(tau, dt) -> float:
+    """A time constant in steps of dt (both Brian2 quantities)."""
+    return float(tau / dt)
+
+
+def activation_max(T: int, tau_p_steps: float) -> float:
+    """Activation at the last step of a unit that fires at every one of T steps."""
+    d = math.exp(-1.0 / tau_p_steps)
+    return (1.0 - d**T) / (1.0 - d)
+
+
+def predict(count, trace_p, xp=np):
+    """Predicted class per image from the output layer ``(batch, n)``: the unit with most spikes,
+    a tie broken by the larger activation (the more recent spikes); -1 (always wrong) when the
+    output layer is silent. With ~1-3 output spikes per presentation ties are frequent, and
+    argmax alone would hand every tie to the lowest class index."""
+    norm = trace_p.max(axis=1, keepdims=True) + 1
+    score = count + trace_p / norm  # trace_p / norm < 1: never outweighs one spike
+    pred = xp.argmax(score, axis=1)
+    return xp.where(count.sum(axis=1) > 0, pred, -1)
+
+
+def output_probabilities(a_out, xp=np):
+    """p = a / Σa per image ``(batch, n)``; a silent output layer gives p = 0."""
+    total = a_out.sum(axis=1, keepdims=True)
+    safe = xp.where(total > 0, total, 1)
+    return xp.where(total > 0, a_out / safe, 0)
+
+
+@dataclass
+class BatchStats:
+    """Per-batch outputs of :func:`backward`: means over the batch, and per-image predictions."""
+
+    loss: float  # ½ Σ e², mean over images
+    nll: float  # −Σ label log p, mean over images
+    predictions: object  # (batch,) int, see predict(); -1 for a silent output layer
+    probabilities: object  # (batch, n)
+
+
+def pseudo_derivative(kind: str, trace_p, trace_m, count, v_th, tau_p_steps: float,
+                      tau_m_steps: float, xp=np):
+    """a'(net) of one layer's units, arrays ``(batch, ...)``; v_th broadcastable."""
+    if kind == "lee2018":
+        return 1.0 - trace_p / trace_p.dtype.type(tau_p_steps)
+    if kind == "lee2020":
+        dtype = trace_m.dtype.type
+        safe = xp.where(count > 0, count, 1)
+        leak = xp.where(count > 0, trace_m / (safe * dtype(tau_m_steps)), 0)
+        return (1.0 - leak) / v_th
+    if kind == "straight_through":
+        return xp.ones_like(trace_p)
+    raise ValueError(f"derivative must be one of {', '.join(DERIVATIVES)}, got {kind!r}")
+
+
+def _col_view(a, k: int, xp):
+    """(B, H, W, C) -> strided view (B, Ho, Wo, C, k, k) of every k×k patch."""
+    B, H, W, C = a.shape
+    a = xp.ascontiguousarray(a)
+    st = a.strides
+    return xp.lib.stride_tricks.as_strided(
+        a, shape=(B, H - k + 1, W - k + 1, C, k, k),
+        strides=(st[0], st[1], st[2], st[3], st[1], st[2]))
+
+
+def backward(
+    layers: Sequence[Layer],
+    params: Sequence[LayerParams | None],
+    fwd: Forward,
+    labels,
+    bp: BPParameters = BPParameters(),
+    lif: LIFParameters = LIFParameters(),
+    pool: PoolingParameters = PoolingParameters(),
+    *,
+    xp=np,
+) -> tuple[list, BatchStats]:
+    """Weight gradients ΔW (one array per conv / FC layer, None elsewhere; in the parameters'
+    own layouts) and the batch's loss, NLL and predictions.
+
+    ``fwd`` must come from :func:`models.batched.forward` with ``tau_p`` = ``bp.tau_p`` in steps.
+    """
+    tau_p = tau_steps(bp.tau_p, lif.dt)
+    tau_m = tau_steps(lif.tau_m, lif.dt)
+    if fwd.trace_p_cl[0] is None:
+        raise ValueError("forward(...) was run without tau_p; pass tau_p=bp.tau_p / dt")
+    T = fwd.T
+    dtype = fwd.trace_p_cl[-1].dtype
+    norm = activation_max(T, tau_p) if bp.activation_norm == "max" else float(T)
+    n_layers = len(layers)
+    labels = xp.asarray(labels)
+    batch = fwd.trace_p_cl[-1].shape[0]
+
+    a_out = fwd.trace_p_cl[-1].reshape(batch, -1)
+    n_out = a_out.shape[1]
+    target = xp.zeros((batch, n_out), dtype=dtype)
+    target[xp.arange(batch), labels] = 1
+    p = output_probabilities(a_out, xp).astype(dtype, copy=False)
+    e = p - target
+    loss = 0.5 * (e * e).sum(axis=1).mean()
+    p_label = p[xp.arange(batch), labels]
+    nll = -xp.log(xp.maximum(p_label, NLL_FLOOR)).mean()
+    predictions = predict(fwd.count_cl[-1].reshape(batch, -1), a_out, xp)
+
+    def deriv(i):
+        layer = layers[i]
+        if isinstance(layer, PoolLayer):
+            v_th = dtype.type(pool.v_th)
+        else:
+            v_th = xp.asarray(params[i].thresholds, dtype=dtype).reshape(-1)  # last axis: maps/units
+        return pseudo_derivative(bp.derivative, fwd.trace_p_cl[i], fwd.trace_m_cl[i],
+                                 fwd.count_cl[i], v_th, tau_p, tau_m, xp)
+
+    grads: list = [None] * n_layers
+    delta = e.reshape(fwd.trace_p_cl[-1].shape) * deriv(n_layers - 1)  # (B, 1, 1, n)
+    inv_b = dtype.type(1.0 / batch)
+    for i in range(n_layers - 1, 0, -1):
+        layer = layers[i]
+        a_hat = fwd.trace_p_cl[i - 1] * dtype.type(1.0 / norm)  # (B, H, W, C) of layer i-1
+        if isinstance(layer, FCLayer):
+            c, h, w = layer.in_shape
+            d2 = delta.reshape(batch, layer.n)
+            g = d2.T @ a_hat.reshape(batch, -1)  # (n, H·W·C), channels-last order
+            g = g.reshape(layer.n, h, w, c).transpose(0, 3, 1, 2).reshape(layer.n, -1)
+            grads[i] = g * inv_b
+            if i > 1:
+                wmat = xp.asarray(params[i].weights, dtype=dtype).reshape(layer.n, c, h, w)
+                wmat = wmat.transpose(0, 2, 3, 1).reshape(layer.n, -1)
+                back = (d2 @ wmat).reshape(batch, h, w, c)
+        elif isinstance(layer, ConvLayer):
+            k, m = layer.kernel, layer.n_maps
+            _, ho, wo = layer.shape
+            cin = layer.in_shape[0]
+            cols = _col_view(a_hat, k, xp).reshape(batch * ho * wo, cin * k * k)
+            d2 = delta.reshape(batch * ho * wo, m)
+            g = (d2.T @ cols).reshape(m, cin, k, k)  # sum over images and positions
+            grads[i] = g * dtype.type(1.0 / (batch * ho * wo))
+            if i > 1:
+                kmat = xp.asarray(params[i].weights, dtype=dtype).reshape(m, -1)
+                contrib = (d2 @ kmat).reshape(batch, ho, wo, cin, k, k)
+                back = xp.zeros((batch,) + layer.in_shape[1:] + (cin,), dtype=dtype)
+                for dy in range(k):
+                    for dx in range(k):
+                        back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
+        else:  # pooling: fixed weights w_pool from each window unit to its pooling unit
+            s = layer.size
+            back = xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
+        if i > 1:
+            delta = back * deriv(i - 1)
+    stats = BatchStats(loss=float(loss), nll=float(nll), predictions=predictions,
+                       probabilities=p)
+    return grads, stats
+
+
+def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta: float) -> None:
+    """W ← W − η ΔW in place, for every layer with a gradient (thresholds untouched)."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        p.weights -= p.weights.dtype.type(eta) * g.astype(p.weights.dtype, copy=False)

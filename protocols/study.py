@@ -1,0 +1,257 @@
+"""One arm of the study (SPEC §6): optional STDP pre-training, then spike-based BP fine-tuning.
+
+Arms [paper]:
+
+* ``pretrained``: the conv kernels and thresholds come from greedy layer-wise STDP pre-training
+  (protocols/pretrain.py), the FC layers from the random initialisation; the first epoch of
+  fine-tuning leaves out the images used for pre-training.
+* ``supervised``: every layer from the random initialisation (``lee`` or ``glorot``).
+
+Run::
+
+    python -m protocols.study --config configs/study_shallow_supervised.toml
+        [--seed 3] [--out runs/x] [--iterations 3000] [--data-dir DIR] [--no-progress]
+
+The same command, run again after an interruption, resumes from the last checkpoint. The run
+directory is described in protocols/train.py; a pre-training run started by the study goes to
+``<out>/pretrain/``. Every configuration problem (unknown key, wrong type or unit, missing or
+incompatible pre-training file) is reported before any training starts. Exit status: 0 finished,
+2 configuration error, 3 training diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from models.batched import layer_names, weight_shape
+from models.initialisation import initialise
+from models.parameters import (BPParameters, HomeostasisParameters, InitParameters,
+                               InputParameters, LIFParameters, PoolingParameters,
+                               PretrainingParameters, STDPParameters)
+from models.topology import SHALLOW, ConvLayer, TopologyError, parse_topology
+from protocols.config import ConfigError, config_to_dict, load_config
+from protocols.train import TrainConfig, TrainingDiverged, rng_for, train
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The loop's bookkeeping (see protocols.train.TrainConfig)."""
+
+    iterations: int = 3000
+    log_every: int = 100
+    checkpoint_every: int = 0
+    train_eval_images: int = 1000
+    test_eval_images: int = 0
+    eval_duration: str = "50 ms"
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study arm (TOML: top-level keys and one table per parameter set)."""
+
+    topology: str = SHALLOW
+    arm: Literal["pretrained", "supervised"] = "supervised"
+    init: Literal["lee", "glorot"] = "lee"
+    seed: int = 0
+    dataset: str = "mnist"
+    #: run directory; "{seed}" in it is replaced by the seed
+    out: str = "runs/study_seed{seed}"
+    #: pre-trained kernels (pretrained.npz of protocols/pretrain.py); "" with arm 'pretrained':
+    #: run the pre-training first, into <out>/pretrain/; "{seed}" is replaced by the seed
+    pretrained: str = ""
+    #: Brian2 device of a pre-training run started by the study
+    pretrain_device: str = "cpp_standalone"
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    initialisation: InitParameters = field(default_factory=InitParameters)
+    bp: BPParameters = field(default_factory=BPParameters)
+    lif: LIFParameters = field(default_factory=LIFParameters)
+    pooling: PoolingParameters = field(default_factory=PoolingParameters)
+    input: InputParameters = field(default_factory=InputParameters)
+    pretraining: PretrainingParameters = field(default_factory=PretrainingParameters)
+    stdp: STDPParameters = field(default_factory=STDPParameters)
+    homeostasis: HomeostasisParameters = field(default_factory=HomeostasisParameters)
+
+    def __post_init__(self):
+        try:
+            parse_topology(self.topology)
+        except TopologyError as err:
+            raise ValueError(str(err)) from None
+        if self.arm == "supervised" and self.pretrained:
+            raise ValueError("pretrained is given but arm = 'supervised'; use arm = 'pretrained'")
+
+
+def train_config(cfg: StudyConfig) -> TrainConfig:
+    t = cfg.training
+    return TrainConfig(topology=cfg.topology, seed=cfg.seed, iterations=t.iterations,
+                       log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+                       train_eval_images=t.train_eval_images,
+                       test_eval_images=t.test_eval_images, eval_duration=t.eval_duration,
+                       dtype=t.dtype, bp=cfg.bp, lif=cfg.lif, pooling=cfg.pooling,
+                       input=cfg.input)
+
+
+def load_pretrained_conv(path: str | Path, topology: str) -> tuple[dict, np.ndarray]:
+    """Kernels and thresholds of every conv layer from a ``pretrained.npz``, checked against the
+    topology, and the indices of the images pre-training used. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pre-trained file {path} does not exist; run protocols.pretrain first "
+                          f"or leave 'pretrained' empty to let the study run it")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as err:  # not an npz, truncated, pickled objects
+        raise ConfigError(f"pre-trained file {path} cannot be read as .npz: {err}") from None
+    layers = parse_topology(topology)
+    out = {}
+    for name, layer in zip(layer_names(layers), layers):
+        if not isinstance(layer, ConvLayer):
+            continue
+        for key, shape in ((f"{name}_kernels", weight_shape(layer)),
+                           (f"{name}_thresholds", (layer.n_maps,))):
+            if key not in arrays:
+                raise ConfigError(f"pre-trained file {path} has no {key!r} (it has "
+                                  f"{', '.join(sorted(arrays))}); was it made for {topology!r}?")
+            if tuple(arrays[key].shape) != shape:
+                raise ConfigError(f"pre-trained {key} in {path} has shape "
+                                  f"{tuple(arrays[key].shape)}; topology {topology!r} needs {shape}")
+            if not np.all(np.isfinite(arrays[key])):
+                raise ConfigError(f"pre-trained {key} in {path} holds NaN or infinite values")
+            out[key] = arrays[key]
+    used = np.asarray(arrays.get("image_indices", np.zeros(0, dtype=np.int64)), dtype=np.int64)
+    return out, used
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(values: dict) -> str:
+    """TOML text of a dict of scalars and one level of tables (what config_to_dict gives)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    for k, v in values.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_pretraining(cfg: StudyConfig, out: Path, data_dir: str | None, progress: bool) -> Path:
+    """Pre-train with protocols.pretrain (its own command, its own record) unless already done."""
+    from protocols import pretrain as pt
+
+    target = out / "pretrain"
+    npz = target / "pretrained.npz"
+    if npz.is_file():
+        return npz
+    pcfg = pt.PretrainConfig(topology=cfg.topology, dataset=cfg.dataset, seed=cfg.seed,
+                             device=cfg.pretrain_device, out=str(target),
+                             pretraining=cfg.pretraining, stdp=cfg.stdp,
+                             homeostasis=cfg.homeostasis, lif=cfg.lif, pooling=cfg.pooling)
+    target.mkdir(parents=True, exist_ok=True)
+    toml_path = target / "pretrain.toml"
+    toml_path.write_text(to_toml(config_to_dict(pcfg)))
+    argv = ["--config", str(toml_path)]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    if not progress:
+        argv += ["--no-progress"]
+    status = pt.main(argv)
+    if status != 0 or not npz.is_file():
+        raise RuntimeError(f"pre-training failed (status {status}); see {target}")
+    return npz
+
+
+def initial_parameters(cfg: StudyConfig, pretrained: dict | None, dtype=np.float32):
+    """Seeded random initialisation; conv layers replaced by the pre-trained ones if given."""
+    layers = parse_topology(cfg.topology)
+    params = initialise(layers, rng_for(cfg.seed, 0), cfg.init, cfg.initialisation, dtype)
+    if pretrained:
+        for name, p in zip(layer_names(layers), params):
+            if name and name.startswith("conv"):
+                p.weights = np.asarray(pretrained[f"{name}_kernels"], dtype=dtype).copy()
+                p.thresholds = np.asarray(pretrained[f"{name}_thresholds"], dtype=dtype).copy()
+    return params
+
+
+def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = True,
+              stop_after: int | None = None):
+    """Pre-train if needed (arm 'pretrained'), then fine-tune; returns the metrics table."""
+    from protocols.datasets import load_dataset
+
+    cfg = dataclasses.replace(cfg, out=cfg.out.replace("{seed}", str(cfg.seed)),
+                              pretrained=cfg.pretrained.replace("{seed}", str(cfg.seed)))
+    out = Path(cfg.out)
+    pretrained = None
+    excluded = np.zeros(0, dtype=np.int64)
+    extra = {"arm": cfg.arm, "init": cfg.init, "study_config": config_to_dict(cfg)}
+    # validate a given pre-training file before loading data or training anything
+    if cfg.arm == "pretrained" and cfg.pretrained:
+        pretrained, excluded = load_pretrained_conv(cfg.pretrained, cfg.topology)
+    data = load_dataset(cfg.dataset, data_dir)
+    if cfg.arm == "pretrained" and not cfg.pretrained:
+        npz = run_pretraining(cfg, out, data_dir, progress)
+        pretrained, excluded = load_pretrained_conv(npz, cfg.topology)
+        extra["pretrained_file"] = str(npz)
+    elif cfg.pretrained:
+        extra["pretrained_file"] = str(Path(cfg.pretrained).resolve())
+    if excluded.size and excluded.max() >= len(data.train_labels):
+        raise ConfigError(f"pre-training used image index {excluded.max()}, beyond the "
+                          f"{len(data.train_labels)} training images of {cfg.dataset!r}")
+    tcfg = train_config(cfg)
+    params = initial_parameters(cfg, pretrained, np.dtype(tcfg.dtype))
+    return train(tcfg, out, data, params, excluded=excluded, extra_record=extra,
+                 progress=progress, stop_after=stop_after)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="TOML file (see configs/study_*.toml)")
+    parser.add_argument("--seed", type=int, help="override seed")
+    parser.add_argument("--out", help="override out (run directory)")
+    parser.add_argument("--iterations", type=int, help="override training.iterations")
+    parser.add_argument("--pretrained", help="override pretrained (path to pretrained.npz)")
+    parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
+    parser.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, StudyConfig)
+        overrides = {k: getattr(args, k) for k in ("seed", "out", "pretrained")
+                     if getattr(args, k) is not None}
+        if args.iterations is not None:
+            overrides["training"] = dataclasses.replace(cfg.training, iterations=args.iterations)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        frame = run_study(cfg, args.data_dir, progress=not args.no_progress,
+                          stop_after=args.stop_after)
+    except (ConfigError, ValueError) as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 3
+    if len(frame):
+        last = frame.iloc[-1]
+        out = cfg.out.replace("{seed}", str(cfg.seed))
+        print(f"{out}: iteration {int(last.iteration)}, test error {last.test_error:.4f}, "
+              f"test NLL {last.test_nll:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,453 @@
+"""Spike-based BP fine-tuning loop (SPEC §4): mini-batch SGD on the batched spiking network.
+
+Schedule [paper]: mini-batches of 100 images; the first epoch presents every training image
+except those used for pre-training for 100 ms each, later epochs present all training images for
+50 ms; constant learning rate. An epoch is a random permutation of its images cut into whole
+mini-batches (a remainder smaller than a batch is left out of that epoch).
+
+Run directory (everything needed to trust and redo the run)::
+
+    config.json      full configuration, seed, versions, command, data set, excluded images
+    metrics.csv      iteration, epoch, images_seen, wall_time_s, train_error, test_error,
+                     train_nll, test_nll (one row per evaluation; written atomically)
+    checkpoint.npz   weights, thresholds, iteration, metrics so far, RNG derivation (no pickle)
+    status.json      running / finished / diverged, with a message
+    final.npz        the trained weights and thresholds (same keys as pretrained.npz)
+
+Randomness is derived, never carried: the initial weights from ``(seed, 0)``, the permutation of
+epoch e from ``(seed, 1, e)``, the Poisson input of iteration i from ``(seed, 2, i)`` and the
+evaluation input of evaluation batch j from ``(seed, 3, j)`` (the same for every evaluation, so
+that curves compare the network, not the noise). A run killed at any point and started again
+with the same command resumes from its last checkpoint and ends with the same metrics
+(wall_time_s aside) as an uninterrupted run.
+
+Errors are measured on the spike counts of the output layer (the predicted class is the unit
+that fired most, a tie broken by the activation a^L; a silent output layer is an error), see
+protocols.bp.predict; the NLL uses p = a^L / Σ a^L as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from models.batched import forward, params_from_arrays, params_to_arrays
+from models.parameters import BPParameters, InputParameters, LIFParameters, PoolingParameters
+from models.topology import SHALLOW, parse_topology
+from protocols.bp import (NLL_FLOOR, backward, output_probabilities, predict, sgd_step,
+                          tau_steps)
+from protocols.encoding import n_steps, poisson_spikes
+
+METRIC_COLUMNS = ("iteration", "epoch", "images_seen", "wall_time_s", "train_error",
+                  "test_error", "train_nll", "test_nll")
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """Weights or outputs became NaN or infinite; the run directory says when and where."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a fine-tuning run depends on, apart from the initial parameters and the data."""
+
+    topology: str = SHALLOW
+    seed: int = 0
+    #: total SGD iterations (mini-batches) of the run
+    iterations: int = 3000
+    #: evaluate (and log a metrics row) every this many iterations, and at 0 and the end
+    log_every: int = 100
+    #: write a checkpoint every this many iterations (0: at every evaluation)
+    checkpoint_every: int = 0
+    #: fixed training sample for train_error / train_nll (first n of a seeded permutation)
+    train_eval_images: int = 1000
+    #: test images for test_error / test_nll (the first n of the test set; 0 = all)
+    test_eval_images: int = 0
+    #: presentation length of evaluations (the later-epoch length by default) [choice]
+    eval_duration: str = "50 ms"
+    #: 'float32' (fast) or 'float64'
+    dtype: str = "float32"
+    bp: BPParameters = field(default_factory=BPParameters)
+    lif: LIFParameters = field(default_factory=LIFParameters)
+    pooling: PoolingParameters = field(default_factory=PoolingParameters)
+    input: InputParameters = field(default_factory=InputParameters)
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("iterations must be >= 0, log_every >= 1, checkpoint_every >= 0")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.train_eval_images < 1 or self.test_eval_images < 0:
+            raise ValueError("train_eval_images must be >= 1 and test_eval_images >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder, flushed to disk, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_savez(path: Path, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def versions() -> dict:
+    import brian2
+
+    out = {"python": platform.python_version(), "numpy": np.__version__,
+           "brian2": brian2.__version__, "platform": platform.platform()}
+    try:
+        import numba
+
+        out["numba"] = numba.__version__
+    except ImportError:
+        out["numba"] = None
+    try:
+        from importlib.metadata import version
+
+        out["lee2018-snn"] = version("lee2018-snn")
+    except Exception:  # not installed as a distribution (running from the source tree)
+        out["lee2018-snn"] = None
+    return out
+
+
+def metrics_frame(rows: Sequence[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
+
+
+def write_metrics(run_dir: Path, rows: Sequence[dict]) -> None:
+    buf = io.StringIO()
+    metrics_frame(rows).to_csv(buf, index=False, float_format="%.10g")
+    atomic_write_bytes(run_dir / "metrics.csv", buf.getvalue().encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule and randomness
+
+
+def rng_for(seed: int, *key: int) -> np.random.Generator:
+    """The generator of one purpose: ``(seed, 0)`` init, ``(seed, 1, epoch)`` permutation,
+    ``(seed, 2, iteration)`` Poisson input, ``(seed, 3, batch)`` evaluation input."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which images and presentation length each iteration uses."""
+
+    first_epoch_images: np.ndarray  # indices of epoch 1 (training set minus excluded)
+    n_train: int
+    batch: int
+    seed: int
+
+    @property
+    def first_epoch_iterations(self) -> int:
+        return len(self.first_epoch_images) // self.batch
+
+    @property
+    def later_epoch_iterations(self) -> int:
+        return self.n_train // self.batch
+
+    def locate(self, iteration: int) -> tuple[int, int]:
+        """(epoch, position in epoch) of 0-based iteration ``iteration``; epochs are 1-based."""
+        first = self.first_epoch_iterations
+        if iteration < first:
+            return 1, iteration
+        later = self.later_epoch_iterations
+        rest = iteration - first
+        return 2 + rest // later, rest % later
+
+    def batch_indices(self, iteration: int) -> tuple[int, np.ndarray]:
+        epoch, pos = self.locate(iteration)
+        pool = self.first_epoch_images if epoch == 1 else np.arange(self.n_train)
+        order = rng_for(self.seed, 1, epoch).permutation(len(pool))
+        return epoch, pool[order[pos * self.batch:(pos + 1) * self.batch]]
+
+
+def make_schedule(n_train: int, excluded: Sequence[int], batch: int, seed: int) -> Schedule:
+    excluded = np.unique(np.asarray(excluded, dtype=np.int64))
+    if excluded.size and (excluded.min() < 0 or excluded.max() >= n_train):
+        raise ValueError(f"excluded image indices must lie in [0, {n_train}); got "
+                         f"{excluded.min()}..{excluded.max()}")
+    keep = np.setdiff1d(np.arange(n_train), excluded)
+    if len(keep) < batch or n_train < batch:
+        raise ValueError(f"too few training images ({len(keep)} after excluding "
+                         f"{excluded.size}) for a mini-batch of {batch}")
+    return Schedule(keep, n_train, batch, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset: int,
+             batch: int = 100, xp=np) -> tuple[float, float]:
+    """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index."""
+    T = n_steps(_duration(cfg.eval_duration), cfg.lif.dt)
+    dtype = np.dtype(cfg.dtype)
+    tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
+    wrong = 0
+    nll = 0.0
+    for j, b0 in enumerate(range(0, len(images), batch)):
+        x = poisson_spikes(images[b0:b0 + batch], T * cfg.lif.dt,
+                           rng_for(cfg.seed, 3, eval_seed_offset + j), cfg.input.max_rate,
+                           cfg.lif.dt)
+        out = forward(layers, params, x, cfg.lif, cfg.pooling, xp=xp, dtype=dtype, tau_p=tau_p,
+                      keep_spikes=False)
+        y = labels[b0:b0 + batch]
+        a_out = out.trace_p_cl[-1].reshape(len(y), -1)
+        wrong += int((predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp) != y).sum())
+        p = output_probabilities(a_out, xp)
+        nll += float(-np.log(np.maximum(p[np.arange(len(y)), y], NLL_FLOOR)).sum())
+    return wrong / len(images), nll / len(images)
+
+
+def _duration(text: str):
+    from brian2 import ms
+
+    from protocols.config import parse_quantity
+
+    return parse_quantity(text, 1 * ms, "eval_duration")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _finite(params, *values) -> bool:
+    for p in params:
+        if p is not None and not np.isfinite(float(p.weights.sum())):
+            return False
+    return all(math.isfinite(v) for v in values)
+
+
+def _write_status(run_dir: Path, status: str, message: str, **extra) -> None:
+    atomic_write_json(run_dir / "status.json",
+                      {"status": status, "message": message, "time": time.time(), **extra})
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    data,
+    initial_params: Sequence | None = None,
+    excluded: Sequence[int] = (),
+    extra_record: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> "pandas.DataFrame":  # noqa: F821
+    """Fine-tune from ``initial_params`` (or from the seeded initialisation given by the caller)
+    on ``data`` (``.train_images``, ``.train_labels``, ``.test_images``, ``.test_labels``);
+    resume from ``run_dir/checkpoint.npz`` when it exists. Returns the metrics table.
+
+    ``stop_after``: return after this many iterations of this call (tests and benchmarks);
+    a later call resumes.
+    """
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    layers = parse_topology(cfg.topology)
+    dtype = np.dtype(cfg.dtype)
+    schedule = make_schedule(len(data.train_labels), excluded, cfg.bp.batch_size, cfg.seed)
+
+    from protocols.config import config_to_dict
+
+    record = {
+        "config": config_to_dict(cfg),
+        "seed": cfg.seed,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "n_train": int(len(data.train_labels)),
+        "n_test": int(len(data.test_labels)),
+        "excluded_images": int(len(np.unique(np.asarray(excluded)))) if len(excluded) else 0,
+        "first_epoch_iterations": schedule.first_epoch_iterations,
+        "later_epoch_iterations": schedule.later_epoch_iterations,
+        "checkpoint_format": CHECKPOINT_FORMAT,
+        **(extra_record or {}),
+    }
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        old = json.loads(config_path.read_text())
+        for key in ("config", "n_train", "n_test", "excluded_images"):
+            if old.get(key) != record.get(key):
+                raise ValueError(
+                    f"{run_dir} holds a run with a different {key!r}; resume needs the same "
+                    f"configuration (use a new run directory)")
+
+    checkpoint = run_dir / "checkpoint.npz"
+    rows: list[dict] = []
+    if checkpoint.exists():
+        with np.load(checkpoint, allow_pickle=False) as ck:
+            arrays = {k: ck[k] for k in ck.files}
+        params = params_from_arrays(layers, arrays, dtype=dtype)
+        start = int(arrays["iteration"])
+        rows = json.loads(str(arrays["metrics_json"]))
+        wall_offset = float(arrays["wall_time_s"])
+        saved_rng = json.loads(str(arrays["next_input_rng_json"]))
+        if saved_rng != rng_for(cfg.seed, 2, start).bit_generator.state:
+            raise RuntimeError(f"{checkpoint}: its RNG state does not match the seed "
+                               f"derivation of this code; cannot resume identically")
+    else:
+        if initial_params is None:
+            raise ValueError("initial_params are required for a new run")
+        params = [None if p is None else dataclasses.replace(
+            p, weights=np.array(p.weights, dtype=dtype), thresholds=np.array(p.thresholds,
+                                                                             dtype=dtype))
+            for p in initial_params]
+        start = 0
+        wall_offset = 0.0
+        atomic_savez(run_dir / "initial.npz", params_to_arrays(layers, params))
+    atomic_write_json(config_path, record)
+    _write_status(run_dir, "running", f"training from iteration {start}")
+
+    # fixed evaluation sets
+    n_tr = min(cfg.train_eval_images, len(data.train_labels))
+    tr_idx = np.sort(rng_for(cfg.seed, 4).permutation(len(data.train_labels))[:n_tr])
+    n_te = cfg.test_eval_images or len(data.test_labels)
+    n_te = min(n_te, len(data.test_labels))
+    tr_x, tr_y = data.train_images[tr_idx], np.asarray(data.train_labels)[tr_idx]
+    te_x, te_y = data.test_images[:n_te], np.asarray(data.test_labels)[:n_te]
+    tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
+    t_first = n_steps(cfg.bp.t_first_epoch, cfg.lif.dt)
+    t_later = n_steps(cfg.bp.t_later_epochs, cfg.lif.dt)
+
+    t0 = time.perf_counter()
+
+    def wall() -> float:
+        return wall_offset + time.perf_counter() - t0
+
+    def log_row(iteration: int, epoch: int) -> dict:
+        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0)
+        test_err, test_nll = evaluate(layers, params, te_x, te_y, cfg, 1_000_000)
+        row = {"iteration": iteration, "epoch": epoch,
+               "images_seen": iteration * cfg.bp.batch_size, "wall_time_s": round(wall(), 3),
+               "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
+               "test_nll": test_nll}
+        rows.append(row)
+        write_metrics(run_dir, rows)
+        return row
+
+    def save_checkpoint(iteration: int) -> None:
+        arrays = params_to_arrays(layers, params)
+        arrays.update(
+            iteration=np.asarray(iteration),
+            wall_time_s=np.asarray(wall()),
+            metrics_json=np.asarray(json.dumps(rows)),
+            next_input_rng_json=np.asarray(json.dumps(
+                rng_for(cfg.seed, 2, iteration).bit_generator.state)),
+            rng_derivation=np.asarray("poisson input of iteration i: SeedSequence([seed, 2, i])"),
+            seed=np.asarray(cfg.seed),
+            format=np.asarray(CHECKPOINT_FORMAT),
+        )
+        atomic_savez(checkpoint, arrays)
+
+    def diverged(iteration: int, what: str):
+        msg = (f"training diverged at iteration {iteration}: {what}. The last good checkpoint "
+               f"(if any) is {checkpoint}; lower bp.eta or check the thresholds.")
+        write_metrics(run_dir, rows)
+        _write_status(run_dir, "diverged", msg, iteration=iteration)
+        raise TrainingDiverged(msg)
+
+    if start == 0 and not rows:
+        row = log_row(0, 1)
+        if not _finite(params, row["train_nll"], row["test_nll"]):
+            diverged(0, "non-finite initial weights or outputs")
+        save_checkpoint(0)
+
+    total = cfg.iterations
+    ck_every = cfg.checkpoint_every or cfg.log_every
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
+               desc=run_dir.name)
+    last_test = rows[-1]["test_error"] if rows else float("nan")
+    running: list[float] = []
+    done_here = 0
+    iteration = start
+    try:
+        while iteration < total:
+            epoch, idx = schedule.batch_indices(iteration)
+            T = t_first if epoch == 1 else t_later
+            x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt,
+                               rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
+            y = np.asarray(data.train_labels)[idx]
+            out = forward(layers, params, x, cfg.lif, cfg.pooling, dtype=dtype, tau_p=tau_p,
+                          keep_spikes=False)
+            grads, stats = backward(layers, params, out, y, cfg.bp, cfg.lif, cfg.pooling)
+            if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
+                    not math.isfinite(stats.loss):
+                diverged(iteration + 1, "non-finite gradient or loss")
+            sgd_step(params, grads, cfg.bp.eta)
+            iteration += 1
+            done_here += 1
+            if not _finite(params):
+                diverged(iteration, "non-finite weights after the SGD step")
+            running.append(float((np.asarray(stats.predictions) != y).mean()))
+            running = running[-50:]
+            if iteration % cfg.log_every == 0 or iteration == total:
+                row = log_row(iteration, epoch)
+                last_test = row["test_error"]
+                if not _finite(params, row["train_nll"], row["test_nll"]):
+                    diverged(iteration, "non-finite outputs in evaluation")
+            if iteration % ck_every == 0 or iteration == total:
+                save_checkpoint(iteration)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, train_err=f"{np.mean(running):.3f}",
+                            test_err=f"{last_test:.4f}", refresh=False)
+            if stop_after is not None and done_here >= stop_after:
+                break
+    finally:
+        bar.close()
+
+    if iteration >= total:
+        atomic_savez(run_dir / "final.npz", params_to_arrays(layers, params))
+        _write_status(run_dir, "finished", f"finished {total} iterations", iteration=total)
+    return metrics_frame(rows)
+
+
+def main(argv=None) -> int:
+    """Fine-tuning only, from a TOML config (see protocols/study.py for the full study)."""
+    from protocols.study import main as study_main
+
+    return study_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""The trainer loop and the study command: schedule, resume after SIGKILL, divergence, config
+errors. Tiny nets on the offline mnist-5k subset; short presentations."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from brian2 import ms
+
+from models.initialisation import initialise
+from models.parameters import BPParameters
+from models.topology import parse_topology
+from protocols.config import ConfigError, load_config
+from protocols.study import StudyConfig, load_pretrained_conv, run_study
+from protocols.train import TrainConfig, TrainingDiverged, make_schedule, rng_for, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+topology = "28x28-4C5-2P-10FC"
+arm = "{arm}"
+seed = 5
+dataset = "mnist-5k"
+out = "{out}"
+{extra}
+
+[training]
+iterations = {iterations}
+log_every = 4
+checkpoint_every = 2
+train_eval_images = 100
+test_eval_images = 100
+eval_duration = "8 ms"
+
+[bp]
+eta = 3.0
+t_first_epoch = "10 ms"
+t_later_epochs = "6 ms"
+"""
+
+
+def write_config(tmp_path, name="c.toml", arm="supervised", iterations=16, extra="", out=None):
+    out = out or str(tmp_path / "run")
+    path = tmp_path / name
+    path.write_text(TINY.format(arm=arm, out=out, iterations=iterations, extra=extra))
+    return path
+
+
+def test_schedule_excludes_pretraining_images_in_epoch_one_only():
+    sched = make_schedule(1000, excluded=range(0, 1000, 4), batch=100, seed=1)
+    assert sched.first_epoch_iterations == 7  # 750 images -> 7 whole batches
+    assert sched.later_epoch_iterations == 10
+    seen = np.concatenate([sched.batch_indices(i)[1] for i in range(7)])
+    assert len(np.unique(seen)) == 700 and not np.any(seen % 4 == 0)
+    epochs = [sched.batch_indices(i)[0] for i in range(7, 27)]
+    assert epochs == [2] * 10 + [3] * 10
+    second = np.concatenate([sched.batch_indices(i)[1] for i in range(7, 17)])
+    assert len(np.unique(second)) == 1000
+    # derived, not carried: the same iteration always gets the same batch
+    np.testing.assert_array_equal(sched.batch_indices(12)[1], sched.batch_indices(12)[1])
+    with pytest.raises(ValueError, match="excluded"):
+        make_schedule(1000, excluded=[1000], batch=100, seed=1)
+
+
+def _run(config, *extra, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "protocols.study", "--config", str(config),
+                             "--no-progress", *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _final(run_dir):
+    frame = pd.read_csv(run_dir / "metrics.csv").drop(columns="wall_time_s")
+    with np.load(run_dir / "final.npz") as f:
+        weights = {k: f[k] for k in f.files}
+    return frame, weights
+
+
+def test_sigkill_and_restart_gives_identical_metrics(tmp_path):
+    cfg_a = write_config(tmp_path, "a.toml", out=str(tmp_path / "a"))
+    cfg_b = write_config(tmp_path, "b.toml", out=str(tmp_path / "b"))
+    proc = _run(cfg_a)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    # interrupted run: kill it hard once it has checkpointed past iteration 0 and is mid-run
+    proc = _run(cfg_b)
+    metrics = tmp_path / "b" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # rows 0 and 4
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "final.npz").exists()
+    status = json.loads((tmp_path / "b" / "status.json").read_text())
+    assert status["status"] == "running"
+    proc = _run(cfg_b)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    frame_a, w_a = _final(tmp_path / "a")
+    frame_b, w_b = _final(tmp_path / "b")
+    assert list(frame_a.iteration) == [0, 4, 8, 12, 16]
+    pd.testing.assert_frame_equal(frame_a, frame_b)
+    assert w_a.keys() == w_b.keys()
+    for key in w_a:
+        np.testing.assert_array_equal(w_a[key], w_b[key])
+    assert frame_a.test_error.iloc[-1] < frame_a.test_error.iloc[0]  # it learns something
+    record = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert record["seed"] == 5 and record["versions"]["numpy"] == np.__version__
+    assert json.loads((tmp_path / "a" / "status.json").read_text())["status"] == "finished"
+
+
+def test_in_process_resume_matches_uninterrupted(tmp_path):
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC", iterations=6, log_every=2,
+                      train_eval_images=50, test_eval_images=50, eval_duration="5 ms",
+                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms))
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+    full = train(cfg, tmp_path / "full", data, params, excluded=range(3850), progress=False)
+    part = train(cfg, tmp_path / "part", data, params, excluded=range(3850), progress=False,
+                 stop_after=3)  # stops after iteration 3, last checkpoint at 2
+    assert list(part.iteration) == [0, 2]
+    rest = train(cfg, tmp_path / "part", data, None, excluded=range(3850), progress=False)
+    pd.testing.assert_frame_equal(full.drop(columns="wall_time_s"),
+                                  rest.drop(columns="wall_time_s"))
+    assert set(full.epoch) == {1, 2}  # 150 first-epoch images: 1 iteration, then epoch 2
+    with pytest.raises(ValueError, match="different 'config'"):
+        train(TrainConfig(topology=cfg.topology, iterations=7), tmp_path / "full", data, params)
+
+
+def test_divergence_stops_with_a_clear_status(tmp_path):
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC", iterations=5, log_every=5,
+                      train_eval_images=20, test_eval_images=20, eval_duration="5 ms",
+                      bp=BPParameters(eta=1e38, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+    with pytest.raises(TrainingDiverged, match="diverged at iteration"):
+        train(cfg, tmp_path, data, params, progress=False)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "diverged" and "lower bp.eta" in status["message"]
+    assert (tmp_path / "metrics.csv").exists()
+    # the command reports it and exits with status 3
+    cfg_path = write_config(tmp_path, iterations=3, out=str(tmp_path / "cli"))
+    text = cfg_path.read_text().replace("eta = 3.0", "eta = 1e38")
+    cfg_path.write_text(text)
+    proc = _run(cfg_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3 and "diverged" in err
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = write_config(tmp_path, extra="learning_rate = 3")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(path, StudyConfig)
+    path = write_config(tmp_path, extra="")
+    path.write_text(path.read_text().replace("iterations = 16", 'iterations = "many"'))
+    with pytest.raises(ConfigError, match="training.iterations"):
+        load_config(path, StudyConfig)
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('"10 ms"', '"10 Hz"'))
+    with pytest.raises(ConfigError, match="t_first_epoch"):
+        load_config(path, StudyConfig)
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("28x28-4C5-2P-10FC", "28x28-4C5-5P-10FC"))
+    with pytest.raises(ConfigError, match="pooling must tile"):
+        load_config(path, StudyConfig)
+    proc = _run(write_config(tmp_path, extra="colour = 'red'"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "colour" in err
+
+
+def test_missing_or_incompatible_pretraining_fails_before_training(tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path, arm="pretrained",
+                                   extra=f'pretrained = "{tmp_path / "nope.npz"}"'), StudyConfig)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_study(cfg, progress=False)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, conv1_kernels=np.zeros((4, 1, 3, 3)), conv1_thresholds=np.zeros(4),
+             image_indices=np.arange(10))
+    cfg = load_config(write_config(tmp_path, arm="pretrained", extra=f'pretrained = "{bad}"'),
+                      StudyConfig)
+    with pytest.raises(ConfigError, match=r"conv1_kernels .* shape \(4, 1, 3, 3\)"):
+        run_study(cfg, progress=False)
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, conv1_kernels=np.zeros((4, 1, 5, 5)))
+    with pytest.raises(ConfigError, match="no 'conv1_thresholds'"):
+        load_pretrained_conv(missing, "28x28-4C5-2P-10FC")
+    assert not run.exists(), "nothing may be written before the checks pass"
+
+
+def test_pretrained_arm_uses_kernels_and_excludes_their_images(tmp_path):
+    rng = np.random.default_rng(0)
+    good = tmp_path / "pretrained.npz"
+    kernels = rng.uniform(-0.3, 0.3, (4, 1, 5, 5)).astype(np.float32)
+    np.savez(good, conv1_kernels=kernels, conv1_thresholds=np.full(4, 0.7),
+             image_indices=np.arange(3800))
+    cfg = load_config(write_config(tmp_path, arm="pretrained", iterations=2,
+                                   extra=f'pretrained = "{good}"'), StudyConfig)
+    frame = run_study(cfg, progress=False)
+    with np.load(tmp_path / "run" / "initial.npz") as init:
+        np.testing.assert_array_equal(init["conv1_kernels"], kernels)
+        np.testing.assert_allclose(init["conv1_thresholds"], 0.7)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["excluded_images"] == 3800 and record["first_epoch_iterations"] == 2
+    assert record["arm"] == "pretrained" and list(frame.iteration) == [0, 2]
