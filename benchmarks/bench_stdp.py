@@ -19,27 +19,14 @@ Run::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import tempfile
-import time
 
 import numpy as np
 
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+from benchmarks.reference import sgemm_gflops
 
 
 def bench_layer(topology: str, index: int, frozen: dict, images, device: str, batch: int,
@@ -78,7 +65,7 @@ def main(argv=None) -> int:
 
     images = load_dataset(args.dataset).train_images[: args.images]
     report = {"machine": platform.platform(), "cpus": os.cpu_count(),
-              "float32_matmul_gflops": round(matmul_gflops(), 1)}
+              "float32_matmul_gflops": round(sgemm_gflops(), 1)}
     print(f"float32 matmul: {report['float32_matmul_gflops']} GFLOP/s "
           f"({report['cpus']} CPUs, {report['machine']})", flush=True)
     rows = []

@@ -48,19 +48,7 @@ from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
 from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
 from protocols.encoding import poisson_spikes  # noqa: E402
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+from benchmarks.reference import sgemm_gflops  # noqa: E402
 
 
 def dense_flops(layers, T: int, batch: int) -> dict:

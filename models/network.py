@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
-from brian2 import (Network, NeuronGroup, SpikeGeneratorGroup, SpikeMonitor, TimedArray, ms,
+from brian2 import (Network, SpikeGeneratorGroup, SpikeMonitor, TimedArray, ms,
                     second)
 from brian2.units.fundamentalunits import Quantity
 
@@ -30,7 +30,7 @@ from models import neurons, synapses
 from models.devices import StandaloneProgram, is_standalone, use_device
 from models.parameters import (HomeostasisParameters, LIFParameters, ParameterError,
                                PoolingParameters, STDPParameters)
-from models.topology import ConvLayer, FCLayer, PoolLayer, TopologyError, parse_topology
+from models.topology import ConvLayer, PoolLayer, TopologyError, parse_topology
 
 #: name of the TimedArray that drives the input in ``input_mode="stimulus"``
 STIMULUS = "stimulus"

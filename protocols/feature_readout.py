@@ -62,8 +62,8 @@ from pathlib import Path
 import numpy as np
 
 from models.topology import SHALLOW, ConvLayer, PoolLayer, parse_topology
-from protocols.pretrain import (PretrainConfig, atomic_write_bytes, pretrain,
-                                pretraining_indices, save_npz, versions)
+from protocols.pretrain import PretrainConfig, pretrain, pretraining_indices
+from protocols.records import atomic_savez, atomic_write_bytes, versions
 
 #: seed of the fixed train/test subsets (independent of the readout seeds)
 SUBSET_SEED = 20180435
@@ -242,7 +242,6 @@ def run_seed(seed: int, data, pcfg: PretrainConfig, rcfg: ReadoutConfig, train_i
 
     pcfg = dataclasses.replace(pcfg, seed=seed)
     layers = _conv_pool_layers(pcfg.topology)
-    conv = layers[1]
     max_rate_hz = (rcfg.max_rate_hz if rcfg.max_rate_hz is not None
                    else float(pcfg.pretraining.max_rate / _hz()))
     lif, pool = pcfg.lif, pcfg.pooling
@@ -288,9 +287,9 @@ def run_seed(seed: int, data, pcfg: PretrainConfig, rcfg: ReadoutConfig, train_i
 
     if out is not None:
         seed_dir = out / f"seed{seed}"
-        save_npz(seed_dir / "pretrained.npz", {**arrays, "image_indices": pre_idx,
+        atomic_savez(seed_dir / "pretrained.npz", {**arrays, "image_indices": pre_idx,
                                                "seed": np.asarray(seed)})
-        save_npz(seed_dir / "random_conv1.npz", {"conv1_kernels": rand_k,
+        atomic_savez(seed_dir / "random_conv1.npz", {"conv1_kernels": rand_k,
                                                  "conv1_thresholds": rand_th,
                                                  "seed": np.asarray(seed)})
 

@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from models.parameters import (HomeostasisParameters, LIFParameters, PoolingPara
                                PretrainingParameters, STDPParameters)
 from models.topology import SHALLOW, ConvLayer, parse_topology
 from protocols.config import ConfigError, config_to_dict, load_config
+from protocols.records import atomic_savez, atomic_write_bytes, load_npz, versions
 
 
 @dataclass(frozen=True)
@@ -57,41 +56,9 @@ class PretrainConfig:
     pooling: PoolingParameters = field(default_factory=PoolingParameters)
 
 
-def versions() -> dict:
-    import brian2
-    import scipy
-
-    return {"python": platform.python_version(), "numpy": np.__version__,
-            "brian2": brian2.__version__, "scipy": scipy.__version__,
-            "platform": platform.platform()}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_npz(path: Path, arrays: dict) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def load_pretrained(path: str | os.PathLike) -> dict:
     """The arrays of a ``pretrained.npz`` (loaded without pickle)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return load_npz(path)
 
 
 def pretraining_indices(n_train: int, n: int, seed: int) -> np.ndarray:
@@ -283,7 +250,7 @@ def main(argv=None) -> int:
     arrays["seed"] = np.asarray(cfg.seed)
     arrays["config_json"] = np.asarray(json.dumps(record["config"]))
     arrays["versions_json"] = np.asarray(json.dumps(record["versions"]))
-    save_npz(out / "pretrained.npz", arrays)
+    atomic_savez(out / "pretrained.npz", arrays)
     atomic_write_bytes(out / "pretrained.json", json.dumps(record, indent=2).encode())
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {out / 'pretrained.npz'} and {out / 'pretrained.json'}")

@@ -250,7 +250,16 @@ def main(argv=None) -> int:
         out = cfg.out.replace("{seed}", str(cfg.seed))
         print(f"{out}: iteration {int(last.iteration)}, test error {last.test_error:.4f}, "
               f"test NLL {last.test_nll:.4f}")
+        print(f"error curve: {', '.join(map(str, plot_error_curve(Path(out))))}")
     return 0
+
+
+def plot_error_curve(run_dir: Path) -> list[Path]:
+    """Draw the run's test error vs iteration into ``run_dir/error_curve.{png,svg}``."""
+    from analysis.figures import error_curves, save
+    from analysis.runs import load_runs
+
+    return save(error_curves(load_runs(run_dir)), run_dir / "error_curve")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ import io
 import json
 import math
 import os
-import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ from models.topology import SHALLOW, parse_topology
 from protocols.bp import (NLL_FLOOR, backward, output_probabilities, predict, sgd_step,
                           tau_steps)
 from protocols.encoding import n_steps, poisson_spikes
+from protocols.records import atomic_savez, atomic_write_bytes, atomic_write_json, versions
 
 METRIC_COLUMNS = ("iteration", "epoch", "images_seen", "wall_time_s", "train_error",
                   "test_error", "train_nll", "test_nll")
@@ -95,56 +94,6 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, flushed to disk, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_savez(path: Path, arrays: dict) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def versions() -> dict:
-    import brian2
-
-    out = {"python": platform.python_version(), "numpy": np.__version__,
-           "brian2": brian2.__version__, "platform": platform.platform()}
-    try:
-        import numba
-
-        out["numba"] = numba.__version__
-    except ImportError:
-        out["numba"] = None
-    try:
-        from importlib.metadata import version
-
-        out["lee2018-snn"] = version("lee2018-snn")
-    except Exception:  # not installed as a distribution (running from the source tree)
-        out["lee2018-snn"] = None
-    return out
 
 
 def metrics_frame(rows: Sequence[dict]):

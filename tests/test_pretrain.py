@@ -1,6 +1,5 @@
 """Layer-wise pre-training protocol: determinism, frozen lower layers, config and file handling."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +8,8 @@ from brian2 import ms
 
 from models.parameters import PretrainingParameters
 from protocols.config import ConfigError, load_config
-from protocols.pretrain import PretrainConfig, load_pretrained, main, pretrain, save_npz
+from protocols.pretrain import PretrainConfig, load_pretrained, main, pretrain
+from protocols.records import atomic_savez
 
 TOPOLOGY = "14x14-3C3-2P-2C3-2P-2FC"
 
@@ -56,7 +56,7 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
 
 def test_npz_is_written_atomically_and_loads_without_pickle(tmp_path):
     path = tmp_path / "run" / "pretrained.npz"
-    save_npz(path, {"conv1_kernels": np.ones((2, 1, 3, 3)), "seed": np.asarray(3)})
+    atomic_savez(path, {"conv1_kernels": np.ones((2, 1, 3, 3)), "seed": np.asarray(3)})
     data = load_pretrained(path)
     assert data["conv1_kernels"].shape == (2, 1, 3, 3) and int(data["seed"]) == 3
     assert [p.name for p in path.parent.iterdir()] == ["pretrained.npz"]  # no temp file left

@@ -1,0 +1,106 @@
+"""Statistics across seeds of a tidy table of runs (one row per run and logged iteration).
+
+The table has at least the columns ``run``, ``arm``, ``seed``, ``iteration``, ``test_error``
+(a fraction in [0, 1]) and, for the NLL analyses, ``train_nll`` and ``test_nll``;
+:func:`analysis.runs.load_runs` builds it from run directories. Paper counterparts: Table 2 / 4
+(mean ± std of error per arm at chosen iterations), Fig. 5 (iterations to a target error),
+Table 5 (final NLL costs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: columns that identify a group of runs compared across seeds
+GROUP = ["topology", "init", "arm"]
+
+
+def _groups(table: pd.DataFrame) -> list[str]:
+    return [c for c in GROUP if c in table.columns]
+
+
+def iterations_to_threshold(table: pd.DataFrame, threshold: float, column: str = "test_error") -> pd.DataFrame:
+    """Per run, the first logged iteration whose ``column`` is ≤ ``threshold`` (NaN if never).
+
+    Also reports the last iteration of the run, so "not reached within N" is visible.
+    """
+    rows = []
+    for run, group in table.sort_values("iteration").groupby("run", sort=True):
+        hit = group.loc[group[column] <= threshold, "iteration"]
+        first = group.iloc[0]
+        row = {c: first[c] for c in _groups(table) + ["seed"] if c in group}
+        row.update(run=run, iterations_to_threshold=float(hit.iloc[0]) if len(hit) else np.nan,
+                   last_iteration=int(group["iteration"].max()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _bootstrap_ci(values: np.ndarray, seed: int) -> tuple[float, float]:
+    if len(values) < 2 or np.all(values == values[0]):
+        return (float(values.mean()), float(values.mean())) if len(values) else (np.nan, np.nan)
+    result = stats.bootstrap((values,), np.mean, n_resamples=10_000, confidence_level=0.95,
+                             method="percentile", random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def error_summary(table: pd.DataFrame, iterations, column: str = "test_error", seed: int = 0) -> pd.DataFrame:
+    """Mean, std (ddof=1), bootstrap 95 % CI of ``column`` across seeds per group and iteration.
+
+    Only iterations that every run of a group logged are summarised (missing → row skipped).
+    """
+    rows = []
+    keys = _groups(table)
+    for key, group in table.groupby(keys, sort=True) if keys else [((), table)]:
+        key = key if isinstance(key, tuple) else (key,)
+        for iteration in iterations:
+            values = group.loc[group["iteration"] == iteration, column].to_numpy(dtype=float)
+            if len(values) == 0:
+                continue
+            low, high = _bootstrap_ci(values, seed)
+            rows.append({**dict(zip(keys, key)), "iteration": iteration, "n_seeds": len(values),
+                         "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
+                         "ci95_low": low, "ci95_high": high})
+    return pd.DataFrame(rows)
+
+
+def variance_test(table: pd.DataFrame, iteration: int, column: str = "test_error",
+                  arms: tuple[str, str] = ("pretrained", "supervised")) -> pd.DataFrame:
+    """Brown–Forsythe test (Levene, median-centred) of equal variance of ``column`` between arms.
+
+    Robust to the non-normal, occasionally stalled error distributions the paper describes.
+    One row per (topology, init) group; also the two variances and their ratio. The test needs
+    at least 3 seeds per arm (W and p are NaN below that; the variances are still reported).
+    """
+    rows = []
+    keys = [c for c in ("topology", "init") if c in table.columns]
+    at = table[table["iteration"] == iteration]
+    for key, group in at.groupby(keys, sort=True) if keys else [((), at)]:
+        key = key if isinstance(key, tuple) else (key,)
+        a = group.loc[group["arm"] == arms[0], column].to_numpy(dtype=float)
+        b = group.loc[group["arm"] == arms[1], column].to_numpy(dtype=float)
+        if len(a) < 2 or len(b) < 2:
+            continue
+        # with 2 values per arm the median-centred deviations are equal and W degenerates
+        statistic, p = (stats.levene(a, b, center="median") if min(len(a), len(b)) >= 3
+                        else (np.nan, np.nan))
+        var_a, var_b = a.var(ddof=1), b.var(ddof=1)
+        rows.append({**dict(zip(keys, key)), "iteration": iteration,
+                     f"var_{arms[0]}": var_a, f"var_{arms[1]}": var_b,
+                     "variance_ratio": var_b / var_a if var_a > 0 else np.inf,
+                     "brown_forsythe_W": statistic, "p_value": p})
+    return pd.DataFrame(rows)
+
+
+def final_costs(table: pd.DataFrame, window: tuple[int, int]) -> pd.DataFrame:
+    """Train and test NLL per run averaged over logged iterations in ``window`` (inclusive),
+    then mean ± std across seeds per group (Table 5 used epochs 130–150)."""
+    low, high = window
+    inside = table[(table["iteration"] >= low) & (table["iteration"] <= high)]
+    per_run = inside.groupby(_groups(table) + ["run"], sort=True)[["train_nll", "test_nll"]].mean()
+    keys = _groups(table)
+    grouped = per_run.groupby(keys, sort=True) if keys else per_run.groupby(lambda _: "all")
+    out = grouped.agg(["mean", "std", "count"])
+    out.columns = [f"{col}_{stat}" for col, stat in out.columns]
+    return out.reset_index()

@@ -1,0 +1,197 @@
+"""Sweeps over seeds × arms × initialisations × networks, run through Dask.
+
+Every run is one study arm (:mod:`protocols.study`) in its own directory
+``<out>/<topology>/<init>/<arm>/seed<seed>``. Runs are tasks on a ``dask.distributed`` cluster:
+a local one by default (``--workers`` processes of ``--threads`` BLAS threads each), or an
+existing scheduler given by ``--scheduler tcp://host:8786`` — e.g. one started by dask-jobqueue
+on a SLURM cluster (see ``docs/sweeps.md``).
+
+Re-running the same command skips finished runs (``status.json`` says ``finished``), resumes
+interrupted ones from their last checkpoint (the trainer does that by itself), and retries runs
+whose worker died. A run that fails (configuration error, divergence, crash) does not stop the
+others; all failures are listed at the end and the exit status is 1.
+
+Run::
+
+    python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
+        [--scheduler tcp://host:8786] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from protocols.config import ConfigError, load_config
+from protocols.study import StudyConfig
+
+Arm = Literal["pretrained", "supervised"]
+Init = Literal["lee", "glorot"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid of a sweep; ``[study]`` holds the settings every run shares."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[Arm, ...] = ("pretrained", "supervised")
+    inits: tuple[Init, ...] = ("lee",)
+    topologies: tuple[str, ...] = ("28x28-36C5-2P-10FC",)
+    #: root folder of the sweep's run directories
+    out: str = "runs/sweep"
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+    def __post_init__(self):
+        for name in ("seeds", "arms", "inits", "topologies"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} must not be empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates: {list(values)}")
+        if self.study.pretrained:
+            raise ValueError("[study] pretrained must be empty in a sweep: each pre-trained run "
+                             "pre-trains with its own seed")
+
+
+def run_directory(out: str | Path, topology: str, init: str, arm: str, seed: int) -> Path:
+    return Path(out) / topology / init / arm / f"seed{seed}"
+
+
+def plan(sweep: SweepConfig) -> list[StudyConfig]:
+    """One study configuration per point of the grid, each with its own run directory."""
+    configs = []
+    for topology in sweep.topologies:
+        for init in sweep.inits:
+            for arm in sweep.arms:
+                for seed in sweep.seeds:
+                    out = run_directory(sweep.out, topology, init, arm, seed)
+                    configs.append(dataclasses.replace(
+                        sweep.study, topology=topology, init=init, arm=arm, seed=seed,
+                        out=str(out)))
+    return configs
+
+
+def run_status(run_dir: Path) -> str:
+    """``finished``, ``running`` (or interrupted), ``diverged``, or ``new``."""
+    path = Path(run_dir) / "status.json"
+    if not path.exists():
+        return "new"
+    try:
+        return json.loads(path.read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def run_one(cfg: StudyConfig, data_dir: str | None) -> dict:
+    """Run (or resume) one study arm; never raises, reports what happened."""
+    from protocols.study import run_study
+    from protocols.train import TrainingDiverged
+
+    result = {"run": cfg.out, "status": "finished", "message": ""}
+    try:
+        frame = run_study(cfg, data_dir, progress=False)
+        if len(frame):
+            result["message"] = f"test error {float(frame.iloc[-1].test_error):.4f}"
+    except TrainingDiverged as err:
+        result.update(status="diverged", message=str(err))
+    except Exception as err:  # a failing run must not stop the sweep
+        result.update(status="failed", message=f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc())
+    finally:
+        _reset_brian2()
+    return result
+
+
+def _reset_brian2() -> None:
+    """Leave the worker's Brian2 device as new for the next run (pre-training sets it)."""
+    if "brian2" in sys.modules:
+        from brian2 import device, set_device
+
+        device.reinit()
+        device.activate()
+        set_device("runtime")
+
+
+def _client(scheduler: str | None, workers: int, threads: int):
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler)
+    env = {var: str(threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                         "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None, env=env)
+    return Client(cluster)
+
+
+def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, threads: int = 1,
+          data_dir: str | None = None, progress: bool = True) -> list[dict]:
+    """Run every unfinished point of the grid; return one result per run (skipped included)."""
+    from dask.distributed import as_completed
+    from tqdm import tqdm
+
+    configs = plan(cfg)
+    results = [{"run": c.out, "status": "skipped", "message": "already finished"}
+               for c in configs if run_status(Path(c.out)) == "finished"]
+    todo = [c for c in configs if run_status(Path(c.out)) != "finished"]
+    if not todo:
+        return results
+    with _client(scheduler, workers, threads) as client:
+        futures = [client.submit(run_one, c, data_dir, key=f"run-{c.out}", pure=False)
+                   for c in todo]
+        bar = tqdm(total=len(futures), desc="sweep", unit="run", disable=not progress)
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as err:  # the worker died too often (dask's allowed failures)
+                result = {"run": future.key.removeprefix("run-"), "status": "failed",
+                          "message": f"worker lost: {type(err).__name__}: {err}"}
+            results.append(result)
+            bar.set_postfix_str(f"{Path(result['run']).name}: {result['status']}")
+            bar.update()
+        bar.close()
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep TOML (see configs/sweep_*.toml)")
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="local worker processes (default: half the cores)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker")
+    parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, SweepConfig)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for c in plan(cfg):
+            print(f"{run_status(Path(c.out)):>9}  {c.out}")
+        return 0
+    results = sweep(cfg, args.scheduler, args.workers, args.threads, args.data_dir,
+                    progress=not args.no_progress)
+    counts = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print("sweep: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    failed = [r for r in results if r["status"] in ("failed", "diverged")]
+    for r in failed:
+        print(f"  {r['status']}: {r['run']}: {r['message']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

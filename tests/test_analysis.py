@@ -1,0 +1,101 @@
+"""The analysis commands on the committed example runs; numbers checked against plain pandas."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import stats
+from analysis.report import main as report_main
+from analysis.runs import RunsError, load_runs
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "results" / "example" / "runs"
+
+
+def _independent_table() -> pd.DataFrame:
+    """The same runs read without the package: every metrics.csv joined with its config.json."""
+    frames = []
+    for metrics in sorted(EXAMPLE.rglob("metrics.csv")):
+        record = json.loads((metrics.parent / "config.json").read_text())
+        frame = pd.read_csv(metrics)
+        frame["run"] = str(metrics.parent.relative_to(EXAMPLE))
+        frame["arm"] = record["arm"]
+        frame["seed"] = record["seed"]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_example_runs_are_complete():
+    table = load_runs(EXAMPLE)
+    assert set(table["arm"]) == {"pretrained", "supervised"}
+    assert table.groupby("arm")["seed"].nunique().min() >= 2
+    assert (table["status"] == "finished").all()
+
+
+def test_report_tables_match_pandas(tmp_path):
+    assert report_main([str(EXAMPLE), "--out", str(tmp_path), "--threshold", "0.1",
+                        "--at", "100", "200"]) == 0
+    raw = _independent_table()
+    for stem in ("error_curves", "nll", "kernels_pretrained", "kernels_supervised"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 0 and (tmp_path / f"{stem}.svg").exists()
+
+    summary = pd.read_csv(tmp_path / "error_summary.csv")
+    for (arm, iteration), values in raw[raw.iteration.isin([100, 200])].groupby(["arm", "iteration"]):
+        row = summary[(summary.arm == arm) & (summary.iteration == iteration)].iloc[0]
+        assert row["mean"] == pytest.approx(values.test_error.mean(), rel=1e-5)
+        assert row["std"] == pytest.approx(values.test_error.std(ddof=1), rel=1e-5)
+        assert row["ci95_low"] <= row["mean"] <= row["ci95_high"]
+        assert row["n_seeds"] == len(values)
+
+    crossing = pd.read_csv(tmp_path / "iterations_to_threshold.csv").set_index("run")
+    for run, curve in raw.groupby("run"):
+        below = curve[curve.test_error <= 0.1].iteration
+        expected = below.min() if len(below) else np.nan
+        got = crossing.loc[run, "iterations_to_threshold"]
+        assert (np.isnan(expected) and np.isnan(got)) or got == expected
+
+    variance = pd.read_csv(tmp_path / "variance_test.csv")
+    at200 = raw[raw.iteration == 200]
+    row = variance[variance.iteration == 200].iloc[0]
+    assert row["var_pretrained"] == pytest.approx(at200[at200.arm == "pretrained"].test_error.var(), rel=1e-5)
+    assert row["var_supervised"] == pytest.approx(at200[at200.arm == "supervised"].test_error.var(), rel=1e-5)
+    assert np.isnan(row["p_value"])  # 2 seeds per arm: too few for Brown–Forsythe
+
+    costs = pd.read_csv(tmp_path / "final_costs.csv")
+    last = raw.iteration.max()
+    window = raw[raw.iteration >= int(0.8 * last)]
+    per_run = window.groupby(["arm", "run"])[["train_nll", "test_nll"]].mean()
+    for arm, values in per_run.groupby("arm"):
+        row = costs[costs.arm == arm].iloc[0]
+        assert row["test_nll_mean"] == pytest.approx(values.test_nll.mean(), rel=1e-5)
+        assert row["train_nll_mean"] == pytest.approx(values.train_nll.mean(), rel=1e-5)
+        assert (tmp_path / "final_costs.md").read_text().count("|") > 10
+
+
+def test_iterations_to_threshold_on_a_hand_made_table():
+    table = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 3, "arm": ["x"] * 6, "seed": [0] * 3 + [1] * 3,
+                          "iteration": [0, 10, 20] * 2,
+                          "test_error": [0.9, 0.05, 0.01, 0.9, 0.5, 0.3]})
+    result = stats.iterations_to_threshold(table, 0.05).set_index("run")
+    assert result.loc["a", "iterations_to_threshold"] == 10
+    assert np.isnan(result.loc["b", "iterations_to_threshold"])
+    assert result.loc["b", "last_iteration"] == 20
+
+
+def test_variance_test_against_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.05, 0.002, 6), rng.normal(0.05, 0.02, 6)
+    table = pd.DataFrame({"arm": ["pretrained"] * 6 + ["supervised"] * 6, "iteration": 100,
+                          "test_error": np.r_[a, b]})
+    row = stats.variance_test(table, 100).iloc[0]
+    from scipy.stats import levene
+
+    assert row["p_value"] == pytest.approx(levene(a, b, center="median").pvalue)
+    assert row["variance_ratio"] == pytest.approx(b.var(ddof=1) / a.var(ddof=1))
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(RunsError, match="no run directories"):
+        load_runs(tmp_path)

@@ -1,0 +1,97 @@
+"""A seed × arm sweep through a local Dask cluster survives a killed worker and skips finished runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from protocols.config import ConfigError, load_config
+from protocols.sweep import SweepConfig, plan, run_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+seeds = [0, 1]
+arms = ["pretrained", "supervised"]
+inits = ["lee"]
+topologies = ["28x28-4C5-2P-10FC"]
+out = "{out}"
+
+[study]
+dataset = "mnist-5k"
+pretrain_device = "runtime"
+
+[study.pretraining]
+n_images = 20
+batch_images = 20
+
+[study.training]
+iterations = 40
+log_every = 10
+checkpoint_every = 5
+train_eval_images = 100
+test_eval_images = 200
+"""
+
+
+def _write(tmp_path) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(TINY.format(out=tmp_path / "runs"))
+    return path
+
+
+def test_plan_names_one_directory_per_point(tmp_path):
+    cfg = load_config(_write(tmp_path), SweepConfig)
+    configs = plan(cfg)
+    assert len(configs) == 4 and len({c.out for c in configs}) == 4
+    assert {(c.arm, c.seed) for c in configs} == {(a, s) for a in cfg.arms for s in cfg.seeds}
+    assert all(Path(c.out).parts[-4:-1][0] == "28x28-4C5-2P-10FC" for c in configs)
+
+
+def test_bad_sweep_configs(tmp_path):
+    with pytest.raises(ConfigError, match="arms\\[0\\] = 'both'"):
+        load_config({"arms": ["both"]}, SweepConfig)
+    with pytest.raises(ConfigError, match="seeds has duplicates"):
+        load_config({"seeds": [1, 1]}, SweepConfig)
+    with pytest.raises(ConfigError, match="unknown config key 'iterations' in \\[study\\]"):
+        load_config({"study": {"iterations": 3}}, SweepConfig)
+
+
+def _sweep(config: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "protocols.sweep", "--config", str(config),
+                             "--workers", "2", "--threads", "1", "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_killed_worker_and_rerun(tmp_path):
+    config = _write(tmp_path)
+    runs = [Path(c.out) for c in plan(load_config(config, SweepConfig))]
+    sweep = _sweep(config)
+    # wait until a run is under way with a checkpoint, then kill the worker process running it
+    deadline = time.time() + 240
+    while not any((r / "checkpoint.npz").exists() and run_status(r) == "running" for r in runs):
+        assert sweep.poll() is None, sweep.stdout.read()
+        assert time.time() < deadline, "no run started"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(sweep.pid).children(recursive=True)
+               if p.cpu_percent(interval=0.1) > 5]
+    assert workers, "no busy worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    output, _ = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, output
+    assert "4 finished" in output, output
+    assert all(run_status(r) == "finished" for r in runs)
+
+    mtimes = {r: (r / "metrics.csv").stat().st_mtime_ns for r in runs}
+    again = subprocess.run([sys.executable, "-m", "protocols.sweep", "--config", str(config),
+                            "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert again.returncode == 0 and "4 skipped" in again.stdout, again.stdout + again.stderr
+    assert {r: (r / "metrics.csv").stat().st_mtime_ns for r in runs} == mtimes
