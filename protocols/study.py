@@ -37,20 +37,7 @@ from models.parameters import (BPParameters, HomeostasisParameters, InitParamete
                                PretrainingParameters, STDPParameters)
 from models.topology import SHALLOW, ConvLayer, TopologyError, parse_topology
 from protocols.config import ConfigError, config_to_dict, load_config
-from protocols.train import TrainConfig, TrainingDiverged, rng_for, train
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """The loop's bookkeeping (see protocols.train.TrainConfig)."""
-
-    iterations: int = 3000
-    log_every: int = 100
-    checkpoint_every: int = 0
-    train_eval_images: int = 1000
-    test_eval_images: int = 0
-    eval_duration: str = "50 ms"
-    dtype: Literal["float32", "float64"] = "float32"
+from protocols.train import TrainConfig, TrainingDiverged, TrainingSettings, rng_for, train
 
 
 @dataclass(frozen=True)
@@ -89,13 +76,8 @@ class StudyConfig:
 
 
 def train_config(cfg: StudyConfig) -> TrainConfig:
-    t = cfg.training
-    return TrainConfig(topology=cfg.topology, seed=cfg.seed, iterations=t.iterations,
-                       log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                       train_eval_images=t.train_eval_images,
-                       test_eval_images=t.test_eval_images, eval_duration=t.eval_duration,
-                       dtype=t.dtype, bp=cfg.bp, lif=cfg.lif, pooling=cfg.pooling,
-                       input=cfg.input)
+    return TrainConfig(topology=cfg.topology, seed=cfg.seed, training=cfg.training, bp=cfg.bp,
+                       lif=cfg.lif, pooling=cfg.pooling, input=cfg.input)
 
 
 def load_pretrained_conv(path: str | Path, topology: str) -> tuple[dict, np.ndarray]:
@@ -212,7 +194,7 @@ def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = Tr
         raise ConfigError(f"pre-training used image index {excluded.max()}, beyond the "
                           f"{len(data.train_labels)} training images of {cfg.dataset!r}")
     tcfg = train_config(cfg)
-    params = initial_parameters(cfg, pretrained, np.dtype(tcfg.dtype))
+    params = initial_parameters(cfg, pretrained, np.dtype(tcfg.training.dtype))
     return train(tcfg, out, data, params, excluded=excluded, extra_record=extra,
                  progress=progress, stop_after=stop_after)
 

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -59,11 +59,9 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """What a fine-tuning run depends on, apart from the initial parameters and the data."""
+class TrainingSettings:
+    """The loop's bookkeeping: length, logging, checkpoints, evaluation, precision."""
 
-    topology: str = SHALLOW
-    seed: int = 0
     #: total SGD iterations (mini-batches) of the run
     iterations: int = 3000
     #: evaluate (and log a metrics row) every this many iterations, and at 0 and the end
@@ -77,11 +75,7 @@ class TrainConfig:
     #: presentation length of evaluations (the later-epoch length by default) [choice]
     eval_duration: str = "50 ms"
     #: 'float32' (fast) or 'float64'
-    dtype: str = "float32"
-    bp: BPParameters = field(default_factory=BPParameters)
-    lif: LIFParameters = field(default_factory=LIFParameters)
-    pooling: PoolingParameters = field(default_factory=PoolingParameters)
-    input: InputParameters = field(default_factory=InputParameters)
+    dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self):
         if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0:
@@ -90,6 +84,19 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.train_eval_images < 1 or self.test_eval_images < 0:
             raise ValueError("train_eval_images must be >= 1 and test_eval_images >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a fine-tuning run depends on, apart from the initial parameters and the data."""
+
+    topology: str = SHALLOW
+    seed: int = 0
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    bp: BPParameters = field(default_factory=BPParameters)
+    lif: LIFParameters = field(default_factory=LIFParameters)
+    pooling: PoolingParameters = field(default_factory=PoolingParameters)
+    input: InputParameters = field(default_factory=InputParameters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +177,8 @@ def make_schedule(n_train: int, excluded: Sequence[int], batch: int, seed: int) 
 def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset: int,
              batch: int = 100, xp=np) -> tuple[float, float]:
     """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index."""
-    T = n_steps(_duration(cfg.eval_duration), cfg.lif.dt)
-    dtype = np.dtype(cfg.dtype)
+    T = n_steps(_duration(cfg.training.eval_duration), cfg.lif.dt)
+    dtype = np.dtype(cfg.training.dtype)
     tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
     wrong = 0
     nll = 0.0
@@ -235,7 +242,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     layers = parse_topology(cfg.topology)
-    dtype = np.dtype(cfg.dtype)
+    dtype = np.dtype(cfg.training.dtype)
     schedule = make_schedule(len(data.train_labels), excluded, cfg.bp.batch_size, cfg.seed)
 
     from protocols.config import config_to_dict
@@ -289,9 +296,9 @@ def train(
     _write_status(run_dir, "running", f"training from iteration {start}")
 
     # fixed evaluation sets
-    n_tr = min(cfg.train_eval_images, len(data.train_labels))
+    n_tr = min(cfg.training.train_eval_images, len(data.train_labels))
     tr_idx = np.sort(rng_for(cfg.seed, 4).permutation(len(data.train_labels))[:n_tr])
-    n_te = cfg.test_eval_images or len(data.test_labels)
+    n_te = cfg.training.test_eval_images or len(data.test_labels)
     n_te = min(n_te, len(data.test_labels))
     tr_x, tr_y = data.train_images[tr_idx], np.asarray(data.train_labels)[tr_idx]
     te_x, te_y = data.test_images[:n_te], np.asarray(data.test_labels)[:n_te]
@@ -342,8 +349,8 @@ def train(
             diverged(0, "non-finite initial weights or outputs")
         save_checkpoint(0)
 
-    total = cfg.iterations
-    ck_every = cfg.checkpoint_every or cfg.log_every
+    total = cfg.training.iterations
+    ck_every = cfg.training.checkpoint_every or cfg.training.log_every
     bar = tqdm(total=total, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
                desc=run_dir.name)
     last_test = rows[-1]["test_error"] if rows else float("nan")
@@ -370,7 +377,7 @@ def train(
                 diverged(iteration, "non-finite weights after the SGD step")
             running.append(float((np.asarray(stats.predictions) != y).mean()))
             running = running[-50:]
-            if iteration % cfg.log_every == 0 or iteration == total:
+            if iteration % cfg.training.log_every == 0 or iteration == total:
                 row = log_row(iteration, epoch)
                 last_test = row["test_error"]
                 if not _finite(params, row["train_nll"], row["test_nll"]):

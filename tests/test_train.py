@@ -19,7 +19,8 @@ from models.parameters import BPParameters
 from models.topology import parse_topology
 from protocols.config import ConfigError, load_config
 from protocols.study import StudyConfig, load_pretrained_conv, run_study
-from protocols.train import TrainConfig, TrainingDiverged, make_schedule, rng_for, train
+from protocols.train import (TrainConfig, TrainingDiverged, TrainingSettings, make_schedule,
+                             rng_for, train)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,8 +124,9 @@ def test_in_process_resume_matches_uninterrupted(tmp_path):
     from protocols.datasets import load_dataset
 
     data = load_dataset("mnist-5k")
-    cfg = TrainConfig(topology="28x28-3C5-2P-10FC", iterations=6, log_every=2,
-                      train_eval_images=50, test_eval_images=50, eval_duration="5 ms",
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
+                      training=TrainingSettings(iterations=6, log_every=2, train_eval_images=50,
+                                                test_eval_images=50, eval_duration="5 ms"),
                       bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms))
     params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
     full = train(cfg, tmp_path / "full", data, params, excluded=range(3850), progress=False)
@@ -136,15 +138,17 @@ def test_in_process_resume_matches_uninterrupted(tmp_path):
                                   rest.drop(columns="wall_time_s"))
     assert set(full.epoch) == {1, 2}  # 150 first-epoch images: 1 iteration, then epoch 2
     with pytest.raises(ValueError, match="different 'config'"):
-        train(TrainConfig(topology=cfg.topology, iterations=7), tmp_path / "full", data, params)
+        train(TrainConfig(topology=cfg.topology, training=TrainingSettings(iterations=7)),
+              tmp_path / "full", data, params)
 
 
 def test_divergence_stops_with_a_clear_status(tmp_path):
     from protocols.datasets import load_dataset
 
     data = load_dataset("mnist-5k")
-    cfg = TrainConfig(topology="28x28-3C5-2P-10FC", iterations=5, log_every=5,
-                      train_eval_images=20, test_eval_images=20, eval_duration="5 ms",
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
+                      training=TrainingSettings(iterations=5, log_every=5, train_eval_images=20,
+                                                test_eval_images=20, eval_duration="5 ms"),
                       bp=BPParameters(eta=1e38, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
     params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
     with pytest.raises(TrainingDiverged, match="diverged at iteration"):
