@@ -72,7 +72,8 @@ class TrainingSettings:
     train_eval_images: int = 1000
     #: test images for test_error / test_nll (the first n of the test set; 0 = all)
     test_eval_images: int = 0
-    #: presentation length of evaluations (the later-epoch length by default) [choice]
+    #: [choice] 50 ms, the later epochs' presentation [paper]: the length most of training
+    #: uses, so that every point of an error curve is measured the same way
     eval_duration: str = "50 ms"
     #: 'float32' (fast) or 'float64'
     dtype: Literal["float32", "float64"] = "float32"
