@@ -259,7 +259,7 @@ class BPParameters:
     #: 100 → 13 % after 150 iterations. Large because conv gradients are averaged over the
     #: positions sharing a kernel entry and ΔW is the batch mean of δ·â with â ∈ [0, 1].
     eta: float = 30.0
-    #: [recon] pseudo-derivative a'(net): "lee2018" (1 - a/tau_p), "lee2020" (leak-aware,
+    #: [recon] pseudo-derivative a'(net): "lee2018" (max(0, 1 - a/tau_p)), "lee2020" (leak-aware,
     #: Lee et al. 2020), "straight_through" (1)
     derivative: str = "lee2018"
     #: [recon] normalised activation a-hat: "max" (a / activation of a unit firing every step,

@@ -10,7 +10,8 @@ from brian2 import ms
 from models.batched import forward
 from models.initialisation import initialise
 from models.parameters import BPParameters, InitParameters, LIFParameters, PoolingParameters
-from protocols.bp import backward, output_probabilities, sgd_step
+from protocols.bp import (activation_max, backward, output_probabilities, pseudo_derivative,
+                         sgd_step)
 from models.topology import ConvLayer, FCLayer, PoolLayer, parse_topology
 
 
@@ -31,7 +32,7 @@ def reference_gradients(layers, params, fwd, labels, bp, lif, pool):
         if bp.derivative == "straight_through":
             return 1.0
         if bp.derivative == "lee2018":
-            return 1.0 - a[i][b, c, y, x] / tau_p
+            return max(0.0, 1.0 - a[i][b, c, y, x] / tau_p)
         layer = layers[i]
         th = pool.v_th if isinstance(layer, PoolLayer) else float(
             np.broadcast_to(params[i].thresholds, (layer.shape[0],))[c])
@@ -177,3 +178,12 @@ def test_predict_breaks_ties_by_activation_and_rejects_silence():
     count = np.array([[2.0, 2.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
     trace = np.array([[0.3, 0.9, 5.0], [0.0, 0.0, 0.0], [0.0, 0.9, 0.1]])
     np.testing.assert_array_equal(predict(count, trace), [1, -1, 2])
+
+
+def test_lee2018_derivative_is_clipped_at_zero_for_saturated_units():
+    """A unit firing at every one of T = 100 steps has a > tau_p: 1 - a/tau_p < 0 unclipped."""
+    a_sat = activation_max(100, 20.0)
+    assert a_sat > 20.0
+    trace = np.array([0.0, 5.0, 20.0, a_sat], dtype=np.float32)
+    d = pseudo_derivative("lee2018", trace, trace, trace, 1.0, 20.0, 20.0)
+    np.testing.assert_allclose(d, [1.0, 0.75, 0.0, 0.0], atol=1e-7)
