@@ -95,8 +95,8 @@ def params_to_arrays(layers: Sequence[Layer], params: Sequence[LayerParams | Non
         if name is None:
             continue
         wname = "kernels" if isinstance(layer, ConvLayer) else "weights"
-        out[f"{name}_{wname}"] = np.asarray(_to_numpy(p.weights))
-        out[f"{name}_thresholds"] = np.asarray(_to_numpy(p.thresholds))
+        out[f"{name}_{wname}"] = np.asarray(to_numpy(p.weights))
+        out[f"{name}_thresholds"] = np.asarray(to_numpy(p.thresholds))
     return out
 
 
@@ -189,7 +189,8 @@ class Forward:
         return a.reshape(a.shape[0], -1)
 
 
-def _to_numpy(a):
+def to_numpy(a):
+    """A NumPy array of ``a`` (copied from the GPU for a CuPy array)."""
     return a.get() if hasattr(a, "get") else a
 
 

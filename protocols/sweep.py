@@ -6,15 +6,17 @@ a local one by default (``--workers`` processes of ``--threads`` BLAS threads ea
 existing scheduler given by ``--scheduler tcp://host:8786`` — e.g. one started by dask-jobqueue
 on a SLURM cluster (see ``docs/sweeps.md``).
 
-Re-running the same command skips finished runs (``status.json`` says ``finished``), resumes
-interrupted ones from their last checkpoint (the trainer does that by itself), and retries runs
-whose worker died. A run that fails (configuration error, divergence, crash) does not stop the
+Re-running the same command skips finished runs (``status.json`` says ``finished`` at the
+requested number of iterations), resumes interrupted ones from their last checkpoint (the trainer
+does that by itself), and retries runs whose worker died. Asking for more iterations
+(``--iterations`` or the config) extends finished runs from their last checkpoint, and
+``--seeds`` adds seeds, so a study can be grown in steps without redoing any work. A run that fails (configuration error, divergence, crash) does not stop the
 others; all failures are listed at the end and the exit status is 1.
 
 Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
-        [--scheduler tcp://host:8786] [--dry-run]
+        [--seeds 0 1 2] [--iterations 1200] [--scheduler tcp://host:8786] [--dry-run]
 """
 
 from __future__ import annotations
@@ -78,15 +80,25 @@ def plan(sweep: SweepConfig) -> list[StudyConfig]:
     return configs
 
 
-def run_status(run_dir: Path) -> str:
-    """``finished``, ``running`` (or interrupted), ``diverged``, or ``new``."""
+def run_status(run_dir: Path, iterations: int | None = None) -> str:
+    """``finished``, ``running`` (or interrupted), ``diverged``, or ``new``; with
+    ``iterations``, a run finished at fewer iterations is ``extendable``."""
     path = Path(run_dir) / "status.json"
     if not path.exists():
         return "new"
     try:
-        return json.loads(path.read_text())["status"]
+        record = json.loads(path.read_text())
+        status = record["status"]
     except (OSError, ValueError, KeyError):
         return "unknown"
+    if status == "finished" and iterations is not None and \
+            int(record.get("iteration", 0)) < iterations:
+        return "extendable"
+    return status
+
+
+def _status(cfg: StudyConfig) -> str:
+    return run_status(Path(cfg.out), cfg.training.iterations)
 
 
 def run_one(cfg: StudyConfig, data_dir: str | None) -> dict:
@@ -139,8 +151,8 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
 
     configs = plan(cfg)
     results = [{"run": c.out, "status": "skipped", "message": "already finished"}
-               for c in configs if run_status(Path(c.out)) == "finished"]
-    todo = [c for c in configs if run_status(Path(c.out)) != "finished"]
+               for c in configs if _status(c) == "finished"]
+    todo = [c for c in configs if _status(c) != "finished"]
     if not todo:
         return results
     with _client(scheduler, workers, threads) as client:
@@ -169,6 +181,9 @@ def main(argv=None) -> int:
                         help="local worker processes (default: half the cores)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker")
     parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    parser.add_argument("--iterations", type=int,
+                        help="override [study.training] iterations (more extends finished runs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -177,9 +192,19 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
+    try:
+        if args.seeds:
+            cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
+        if args.iterations is not None:
+            cfg = dataclasses.replace(cfg, study=dataclasses.replace(
+                cfg.study, training=dataclasses.replace(cfg.study.training,
+                                                        iterations=args.iterations)))
+    except ValueError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for c in plan(cfg):
-            print(f"{run_status(Path(c.out)):>9}  {c.out}")
+            print(f"{_status(c):>10}  {c.out}")
         return 0
     results = sweep(cfg, args.scheduler, args.workers, args.threads, args.data_dir,
                     progress=not args.no_progress)

@@ -41,7 +41,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from models.batched import forward, params_from_arrays, params_to_arrays
+from models.batched import to_numpy, forward, params_from_arrays, params_to_arrays
 from models.parameters import BPParameters, InputParameters, LIFParameters, PoolingParameters
 from models.topology import SHALLOW, parse_topology
 from protocols.bp import (NLL_FLOOR, backward, output_probabilities, predict, sgd_step,
@@ -77,6 +77,11 @@ class TrainingSettings:
     eval_duration: str = "50 ms"
     #: 'float32' (fast) or 'float64'
     dtype: Literal["float32", "float64"] = "float32"
+    #: where the arrays live: 'numpy' (CPU) or 'cupy' (GPU; needs CuPy and a CUDA device)
+    array_module: Literal["numpy", "cupy"] = "numpy"
+    #: forward pass: 'auto' (the compiled event-driven loop on CPU, array ops on CuPy), 'numba'
+    #: or 'xp' (array ops: one matrix product per layer over batch x T, then the recurrence)
+    backend: Literal["auto", "numba", "xp"] = "auto"
 
     def __post_init__(self):
         if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0:
@@ -85,6 +90,31 @@ class TrainingSettings:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.train_eval_images < 1 or self.test_eval_images < 0:
             raise ValueError("train_eval_images must be >= 1 and test_eval_images >= 0")
+        if self.array_module not in ("numpy", "cupy"):
+            raise ValueError(f"array_module must be 'numpy' or 'cupy', got {self.array_module!r}")
+        if self.backend not in ("auto", "numba", "xp"):
+            raise ValueError(f"backend must be 'auto', 'numba' or 'xp', got {self.backend!r}")
+        if self.array_module == "cupy" and self.backend == "numba":
+            raise ValueError("backend 'numba' runs on the CPU; use 'auto' or 'xp' with cupy")
+
+
+def array_module(name: str):
+    """The array module of ``TrainingSettings.array_module``, with a clear error when CuPy or
+    its GPU is missing."""
+    if name == "numpy":
+        return np
+    try:
+        import cupy
+    except ImportError as err:
+        raise ValueError("training.array_module = 'cupy' needs CuPy: pip install cupy-cuda12x "
+                         "(or use 'numpy')") from err
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CUDARuntimeError without a driver
+        raise ValueError(f"training.array_module = 'cupy' but CUDA is unusable: {err}") from err
+    if n_gpus < 1:
+        raise ValueError("training.array_module = 'cupy' but no CUDA GPU is visible")
+    return cupy
 
 
 @dataclass(frozen=True)
@@ -177,7 +207,8 @@ def make_schedule(n_train: int, excluded: Sequence[int], batch: int, seed: int) 
 
 def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset: int,
              batch: int = 100, xp=np) -> tuple[float, float]:
-    """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index."""
+    """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index.
+    ``params`` live in ``xp``; the input is drawn on the CPU (the same draws on any device)."""
     T = n_steps(_duration(cfg.training.eval_duration), cfg.lif.dt)
     dtype = np.dtype(cfg.training.dtype)
     tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
@@ -187,12 +218,13 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
         x = poisson_spikes(images[b0:b0 + batch], T * cfg.lif.dt,
                            rng_for(cfg.seed, 3, eval_seed_offset + j), cfg.input.max_rate,
                            cfg.lif.dt)
-        out = forward(layers, params, x, cfg.lif, cfg.pooling, xp=xp, dtype=dtype, tau_p=tau_p,
-                      keep_spikes=False)
+        out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
+                      tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend)
         y = labels[b0:b0 + batch]
         a_out = out.trace_p_cl[-1].reshape(len(y), -1)
-        wrong += int((predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp) != y).sum())
-        p = output_probabilities(a_out, xp)
+        pred = to_numpy(predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp))
+        wrong += int((pred != y).sum())
+        p = to_numpy(output_probabilities(a_out, xp))
         nll += float(-np.log(np.maximum(p[np.arange(len(y)), y], NLL_FLOOR)).sum())
     return wrong / len(images), nll / len(images)
 
@@ -221,6 +253,18 @@ def _write_status(run_dir: Path, status: str, message: str, **extra) -> None:
                       {"status": status, "message": message, "time": time.time(), **extra})
 
 
+#: training keys a resumed run may change: its length (to extend it) and where it runs
+RESUMABLE_CHANGES = ("iterations", "array_module", "backend")
+
+
+def _comparable(config):
+    """A run's recorded configuration without the keys of RESUMABLE_CHANGES."""
+    if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
+        return config
+    return {**config, "training": {k: v for k, v in config["training"].items()
+                                   if k not in RESUMABLE_CHANGES}}
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
@@ -236,10 +280,13 @@ def train(
     resume from ``run_dir/checkpoint.npz`` when it exists. Returns the metrics table.
 
     ``stop_after``: return after this many iterations of this call (tests and benchmarks);
-    a later call resumes.
+    a later call resumes. A finished run can be extended: the same configuration with a larger
+    ``training.iterations`` continues from its last checkpoint (the schedule and every random
+    draw depend on the iteration, not on the run's length).
     """
     from tqdm import tqdm
 
+    xp = array_module(cfg.training.array_module)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     layers = parse_topology(cfg.topology)
@@ -265,7 +312,7 @@ def train(
     if config_path.exists():
         old = json.loads(config_path.read_text())
         for key in ("config", "n_train", "n_test", "excluded_images"):
-            if old.get(key) != record.get(key):
+            if _comparable(old.get(key)) != _comparable(record.get(key)):
                 raise ValueError(
                     f"{run_dir} holds a run with a different {key!r}; resume needs the same "
                     f"configuration (use a new run directory)")
@@ -275,7 +322,7 @@ def train(
     if checkpoint.exists():
         with np.load(checkpoint, allow_pickle=False) as ck:
             arrays = {k: ck[k] for k in ck.files}
-        params = params_from_arrays(layers, arrays, dtype=dtype)
+        params = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
         start = int(arrays["iteration"])
         rows = json.loads(str(arrays["metrics_json"]))
         wall_offset = float(arrays["wall_time_s"])
@@ -287,8 +334,8 @@ def train(
         if initial_params is None:
             raise ValueError("initial_params are required for a new run")
         params = [None if p is None else dataclasses.replace(
-            p, weights=np.array(p.weights, dtype=dtype), thresholds=np.array(p.thresholds,
-                                                                             dtype=dtype))
+            p, weights=xp.array(to_numpy(p.weights), dtype=dtype),
+            thresholds=xp.array(to_numpy(p.thresholds), dtype=dtype))
             for p in initial_params]
         start = 0
         wall_offset = 0.0
@@ -313,8 +360,8 @@ def train(
         return wall_offset + time.perf_counter() - t0
 
     def log_row(iteration: int, epoch: int) -> dict:
-        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0)
-        test_err, test_nll = evaluate(layers, params, te_x, te_y, cfg, 1_000_000)
+        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0, xp=xp)
+        test_err, test_nll = evaluate(layers, params, te_x, te_y, cfg, 1_000_000, xp=xp)
         row = {"iteration": iteration, "epoch": epoch,
                "images_seen": iteration * cfg.bp.batch_size, "wall_time_s": round(wall(), 3),
                "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
@@ -365,9 +412,10 @@ def train(
             x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt,
                                rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
             y = np.asarray(data.train_labels)[idx]
-            out = forward(layers, params, x, cfg.lif, cfg.pooling, dtype=dtype, tau_p=tau_p,
-                          keep_spikes=False)
-            grads, stats = backward(layers, params, out, y, cfg.bp, cfg.lif, cfg.pooling)
+            out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
+                          tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend)
+            grads, stats = backward(layers, params, out, xp.asarray(y), cfg.bp, cfg.lif,
+                                    cfg.pooling, xp=xp)
             if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
                     not math.isfinite(stats.loss):
                 diverged(iteration + 1, "non-finite gradient or loss")
@@ -376,7 +424,7 @@ def train(
             done_here += 1
             if not _finite(params):
                 diverged(iteration, "non-finite weights after the SGD step")
-            running.append(float((np.asarray(stats.predictions) != y).mean()))
+            running.append(float((to_numpy(stats.predictions) != y).mean()))
             running = running[-50:]
             if iteration % cfg.training.log_every == 0 or iteration == total:
                 row = log_row(iteration, epoch)

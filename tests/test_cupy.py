@@ -46,3 +46,26 @@ def test_forward_and_backward_on_cupy_equal_numpy():
     for g, h in zip(grads, gpu_grads):
         if g is not None:
             np.testing.assert_allclose(cupy.asnumpy(h), g, rtol=1e-10, atol=1e-12)
+
+
+def test_training_loop_on_cupy_equals_numpy(tmp_path):
+    """A few iterations of protocols.train with array_module='cupy' give the NumPy run."""
+    import pandas as pd
+
+    from protocols.datasets import load_dataset
+    from protocols.train import TrainConfig, TrainingSettings, rng_for, train
+
+    _cupy()
+    data = load_dataset("mnist-5k")
+    frames = {}
+    for module in ("numpy", "cupy"):
+        cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
+                          training=TrainingSettings(iterations=4, log_every=2,
+                                                    train_eval_images=40, test_eval_images=40,
+                                                    eval_duration="8 ms", dtype="float64",
+                                                    array_module=module, backend="xp"),
+                          bp=BPParameters(t_first_epoch=8 * ms, t_later_epochs=6 * ms))
+        params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+        frames[module] = train(cfg, tmp_path / module, data, params, progress=False)
+    pd.testing.assert_frame_equal(frames["numpy"].drop(columns="wall_time_s"),
+                                  frames["cupy"].drop(columns="wall_time_s"))

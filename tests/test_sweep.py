@@ -95,3 +95,32 @@ def test_killed_worker_and_rerun(tmp_path):
                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert again.returncode == 0 and "4 skipped" in again.stdout, again.stdout + again.stderr
     assert {r: (r / "metrics.csv").stat().st_mtime_ns for r in runs} == mtimes
+
+
+def test_run_status_tells_finished_from_extendable(tmp_path):
+    import json
+
+    assert run_status(tmp_path / "none") == "new"
+    (tmp_path / "status.json").write_text(json.dumps({"status": "finished", "iteration": 600}))
+    assert run_status(tmp_path) == "finished"
+    assert run_status(tmp_path, 600) == "finished"
+    assert run_status(tmp_path, 1200) == "extendable"
+
+
+def test_cli_overrides_seeds_and_iterations(tmp_path, capsys):
+    import json
+
+    from protocols.sweep import main
+
+    config = _write(tmp_path)
+    done = tmp_path / "runs" / "28x28-4C5-2P-10FC" / "lee" / "supervised" / "seed7"
+    done.mkdir(parents=True)
+    (done / "status.json").write_text(json.dumps({"status": "finished", "iteration": 40}))
+    assert main(["--config", str(config), "--seeds", "7", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("seed7" in line for line in lines)
+    assert any(line.split()[0] == "finished" for line in lines)
+    assert main(["--config", str(config), "--seeds", "7", "--iterations", "80", "--dry-run"]) == 0
+    statuses = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())
+    assert statuses == ["extendable", "new"]
+    assert main(["--config", str(config), "--seeds", "7", "7", "--dry-run"]) == 2

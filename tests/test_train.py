@@ -1,6 +1,7 @@
 """The trainer loop and the study command: schedule, resume after SIGKILL, divergence, config
 errors. Tiny nets on the offline mnist-5k subset; short presentations."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -137,6 +138,13 @@ def test_in_process_resume_matches_uninterrupted(tmp_path):
     pd.testing.assert_frame_equal(full.drop(columns="wall_time_s"),
                                   rest.drop(columns="wall_time_s"))
     assert set(full.epoch) == {1, 2}  # 150 first-epoch images: 1 iteration, then epoch 2
+    # a finished run asked for more iterations continues, as if it had been that long from the start
+    longer = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, iterations=8))
+    extended = train(longer, tmp_path / "part", data, None, excluded=range(3850), progress=False)
+    fresh = train(longer, tmp_path / "fresh", data, params, excluded=range(3850), progress=False)
+    assert list(fresh.iteration) == [0, 2, 4, 6, 8]
+    pd.testing.assert_frame_equal(extended.drop(columns="wall_time_s"),
+                                  fresh.drop(columns="wall_time_s"))
     with pytest.raises(ValueError, match="different 'config'"):
         train(TrainConfig(topology=cfg.topology, training=TrainingSettings(iterations=7)),
               tmp_path / "full", data, params)
@@ -221,3 +229,44 @@ def test_pretrained_arm_uses_kernels_and_excludes_their_images(tmp_path):
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["excluded_images"] == 3800 and record["first_epoch_iterations"] == 2
     assert record["arm"] == "pretrained" and list(frame.iteration) == [0, 2]
+
+
+def test_array_module_seam_runs_the_same_training(tmp_path):
+    """The loop through the array-module path (backend 'xp': what CuPy runs) trains the same
+    network as the compiled CPU loop (float64, where both are exact)."""
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+    frames, weights = {}, {}
+    for backend in ("numba", "xp"):
+        cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
+                          training=TrainingSettings(iterations=4, log_every=2,
+                                                    train_eval_images=40, test_eval_images=40,
+                                                    eval_duration="8 ms", dtype="float64",
+                                                    backend=backend),
+                          bp=BPParameters(t_first_epoch=8 * ms, t_later_epochs=6 * ms))
+        params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+        frames[backend] = train(cfg, tmp_path / backend, data, params, progress=False)
+        with np.load(tmp_path / backend / "final.npz") as f:
+            weights[backend] = {k: f[k] for k in f.files}
+    pd.testing.assert_frame_equal(frames["numba"].drop(columns="wall_time_s"),
+                                  frames["xp"].drop(columns="wall_time_s"))
+    for key, value in weights["numba"].items():
+        np.testing.assert_allclose(weights["xp"][key], value, rtol=1e-9, atol=1e-12)
+    # where it runs is not part of the science: a run may resume on another backend
+    record = json.loads((tmp_path / "xp" / "config.json").read_text())
+    assert record["config"]["training"]["backend"] == "xp"
+
+
+def test_cupy_without_cupy_is_a_clear_error():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here; the error path is for machines without it")
+    except ImportError:
+        pass
+    from protocols.train import array_module
+
+    with pytest.raises(ValueError, match="pip install cupy"):
+        array_module("cupy")
+    with pytest.raises(ValueError, match="backend 'numba' runs on the CPU"):
+        TrainingSettings(array_module="cupy", backend="numba")
