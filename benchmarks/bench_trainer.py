@@ -82,7 +82,8 @@ def bench(topology: str, images, labels, iterations: int, batch: int, steps: int
         t0 = time.perf_counter()
         x = poisson_spikes(images[idx], steps * ms, rng)
         t1 = time.perf_counter()
-        out = forward(layers, params, x, tau_p=tau_p, keep_spikes=False)
+        out = forward(layers, params, x, tau_p=tau_p, keep_spikes=False,
+                      record_trace_m=bp.derivative == "lee2020")  # as protocols.train
         t2 = time.perf_counter()
         grads, _ = backward(layers, params, out, labels[idx], bp)
         t3 = time.perf_counter()

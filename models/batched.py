@@ -217,6 +217,7 @@ def forward(
     dtype=np.float32,
     tau_p: float | None = None,
     keep_spikes: bool = True,
+    record_trace_m: bool = True,
     backend: str = "auto",
     chunk: int | None = None,
     chunk_budget_bytes: float = 96e6,
@@ -239,7 +240,10 @@ def forward(
         ``float32``. The membrane update is ``V·decay`` then ``+ I`` (two roundings, no FMA).
     tau_p
         Activation time constant in steps (dt units); when given, ``trace_p`` is recorded.
-        ``trace_m`` (time constant tau_m) and ``count`` are always recorded.
+        ``count`` is always recorded.
+    record_trace_m
+        Record ``trace_m`` (time constant tau_m; only the ``lee2020`` pseudo-derivative reads
+        it). Off, ``trace_m`` is None and the compiled loop skips its update at every step.
     keep_spikes
         Keep every hidden layer's spike trains (the Brian2 comparison needs them; training
         does not, and saves the memory).
@@ -314,7 +318,8 @@ def forward(
         if i > 0 and (keep_spikes or i == last):
             spikes_cl[i] = xp.empty((T, batch, h, w, c), dtype=bool)
         count_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
-        trace_m_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
+        if record_trace_m or (i == 0 or not use_numba):
+            trace_m_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
         if decay_p is not None:
             trace_p_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
 
@@ -344,23 +349,27 @@ def forward(
             layer = layers[i]
             c, h, w = layer.shape
             n = h * w * c
-            out = xp.empty((T, bc, n), dtype=bool)
+            # the compiled kernels store spikes as uint8 (a bool store does not vectorise)
+            out = xp.empty((T, bc, n), dtype=np.uint8 if use_numba else bool)
             cnt = count_cl[i][b0:b1].reshape(bc, n)
-            tm = trace_m_cl[i][b0:b1].reshape(bc, n)
+            tm = None if trace_m_cl[i] is None else trace_m_cl[i][b0:b1].reshape(bc, n)
             tp = None if decay_p is None else trace_p_cl[i][b0:b1].reshape(bc, n)
             weights, th = prepared[i]
             if use_numba:
                 dp = decay_p if decay_p is not None else dtype.type(0)
+                flags = (tm is not None, tp is not None)
+                tm_arg = tm if tm is not None else cnt  # placeholders, never written
                 tp_arg = tp if tp is not None else cnt
                 if isinstance(layer, ConvLayer):
-                    _conv_layer_numba(s, weights, th, decay, subtract, dp, tp is not None, out,
-                                      cnt, tm, tp_arg)
+                    _conv_layer_numba(s, weights, th, decay, subtract, dp, flags, out,
+                                      cnt, tm_arg, tp_arg)
                 elif isinstance(layer, PoolLayer):
                     _pool_layer_numba(s, layer.size, weights, th, decay, subtract, dp,
-                                      tp is not None, out, cnt, tm, tp_arg)
+                                      flags, out, cnt, tm_arg, tp_arg)
                 else:
                     _fc_layer_numba(s.reshape(T, bc, -1), weights, th, decay, subtract, dp,
-                                    tp is not None, out, cnt, tm, tp_arg)
+                                    flags, out, cnt, tm_arg, tp_arg)
+                out = out.view(bool)
             else:
                 if isinstance(layer, ConvLayer):
                     current = conv_current_cl(s, weights, layer.kernel, xp=xp, dtype=dtype)
@@ -450,9 +459,9 @@ def lif_run(current, th, decay, subtract: bool, out, count, trace_m, decay_p=Non
     """
     if use_numba:
         dt = current.dtype.type
-        _lif_numba(current, th, dt(decay), subtract, out, count, trace_m,
+        _lif_numba(current, th, dt(decay), subtract, out.view(np.uint8), count, trace_m,
                    dt(decay_p if decay_p is not None else 0.0),
-                   trace_p if trace_p is not None else count, trace_p is not None)
+                   trace_p if trace_p is not None else count, (True, trace_p is not None))
         return
     T = current.shape[0]
     v = xp.zeros(current.shape[1:], dtype=current.dtype)
@@ -510,8 +519,10 @@ if _HAVE_NUMBA:
     # as in the array-module path.
 
     @numba.njit(inline="always")
-    def _lif_step(v, cur, th, decay, subtract, zero, one, out_row, cnt, tm, tp, decay_p, do_p):
-        # branch-free so that LLVM vectorises it; th is full length (one threshold per unit)
+    def _lif_step(v, cur, th, decay, subtract, zero, one, out_row, cnt, tm, tp, decay_p, flags):
+        # branch-free so that LLVM vectorises it; th is full length (one threshold per unit);
+        # out_row is uint8; flags = (update tm, update tp)
+        do_m, do_p = flags
         N = v.shape[0]
         for n in range(N):
             x = v[n] * decay
@@ -524,9 +535,10 @@ if _HAVE_NUMBA:
             else:
                 x = zero if s else x
             v[n] = x
-            out_row[n] = s
-            tm[n] = tm[n] * decay + add
+            out_row[n] = np.uint8(1) if s else np.uint8(0)
             cnt[n] += add
+            if do_m:
+                tm[n] = tm[n] * decay + add
             if do_p:
                 tp[n] = tp[n] * decay_p + add
 
@@ -538,7 +550,7 @@ if _HAVE_NUMBA:
             dst[m] += src[m]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _conv_layer_numba(s_in, kt, th, decay, subtract, decay_p, do_p, out, count, trace_m,
+    def _conv_layer_numba(s_in, kt, th, decay, subtract, decay_p, flags, out, count, trace_m,
                           trace_p):
         # s_in (T, B, H, W, C) bool; kt (k, k, C, M); out (T, B, Ho*Wo*M); th (Ho*Wo*M,)
         T, B, H, W, C = s_in.shape
@@ -573,14 +585,15 @@ if _HAVE_NUMBA:
                                         _add_row(cur2[(y - dy) * wo + (x - dx)],
                                                  kf[(dy * k + dx) * C + c])
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, do_p)
+                          decay_p, flags)
             count[b, :] = cnt
-            trace_m[b, :] = tm
-            if do_p:
+            if flags[0]:
+                trace_m[b, :] = tm
+            if flags[1]:
                 trace_p[b, :] = tp
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _pool_layer_numba(s_in, size, weight, th, decay, subtract, decay_p, do_p, out, count,
+    def _pool_layer_numba(s_in, size, weight, th, decay, subtract, decay_p, flags, out, count,
                           trace_m, trace_p):
         # s_in (T, B, H, W, C) bool; out (T, B, (H/size)*(W/size)*C); th (N,)
         T, B, H, W, C = s_in.shape
@@ -608,14 +621,15 @@ if _HAVE_NUMBA:
                 for n in range(N):
                     cur[n] *= weight
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, do_p)
+                          decay_p, flags)
             count[b, :] = cnt
-            trace_m[b, :] = tm
-            if do_p:
+            if flags[0]:
+                trace_m[b, :] = tm
+            if flags[1]:
                 trace_p[b, :] = tp
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _fc_layer_numba(s_in, wt, th, decay, subtract, decay_p, do_p, out, count, trace_m,
+    def _fc_layer_numba(s_in, wt, th, decay, subtract, decay_p, flags, out, count, trace_m,
                         trace_p):
         # s_in (T, B, N_in) bool (channels-last flattening); wt (N_in, n); th (n,)
         T, B, n_in = s_in.shape
@@ -634,15 +648,16 @@ if _HAVE_NUMBA:
                     if s_in[t, b, j]:
                         _add_row(cur, wt[j])
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, do_p)
+                          decay_p, flags)
             count[b, :] = cnt
-            trace_m[b, :] = tm
-            if do_p:
+            if flags[0]:
+                trace_m[b, :] = tm
+            if flags[1]:
                 trace_p[b, :] = tp
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _lif_numba(current, th, decay, subtract, out, count, trace_m, decay_p, trace_p, do_p):
-        # the recurrence alone, on precomputed currents (T, B, N); th (N,)
+    def _lif_numba(current, th, decay, subtract, out, count, trace_m, decay_p, trace_p, flags):
+        # the recurrence alone, on precomputed currents (T, B, N); th (N,); out uint8
         T, B, N = current.shape
         zero = decay - decay
         one = zero + 1
@@ -653,10 +668,11 @@ if _HAVE_NUMBA:
             tp = np.zeros(N, current.dtype)
             for t in range(T):
                 _lif_step(v, current[t, b], th, decay, subtract, zero, one, out[t, b], cnt,
-                          tm, tp, decay_p, do_p)
+                          tm, tp, decay_p, flags)
             count[b, :] = cnt
-            trace_m[b, :] = tm
-            if do_p:
+            if flags[0]:
+                trace_m[b, :] = tm
+            if flags[1]:
                 trace_p[b, :] = tp
 
     @numba.njit(parallel=True, cache=True, nogil=True)

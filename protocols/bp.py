@@ -149,6 +149,9 @@ def backward(
     tau_m = tau_steps(lif.tau_m, lif.dt)
     if fwd.trace_p_cl[0] is None:
         raise ValueError("forward(...) was run without tau_p; pass tau_p=bp.tau_p / dt")
+    if bp.derivative == "lee2020" and any(t is None for t in fwd.trace_m_cl):
+        raise ValueError("the lee2020 derivative reads trace_m: run forward(..., "
+                         "record_trace_m=True)")
     T = fwd.T
     dtype = fwd.trace_p_cl[-1].dtype
     norm = activation_max(T, tau_p) if bp.activation_norm == "max" else float(T)

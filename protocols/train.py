@@ -219,7 +219,8 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
                            rng_for(cfg.seed, 3, eval_seed_offset + j), cfg.input.max_rate,
                            cfg.lif.dt)
         out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
-                      tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend)
+                      tau_p=tau_p, keep_spikes=False, record_trace_m=False,
+                      backend=cfg.training.backend)
         y = labels[b0:b0 + batch]
         a_out = out.trace_p_cl[-1].reshape(len(y), -1)
         pred = to_numpy(predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp))
@@ -413,7 +414,8 @@ def train(
                                rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
             y = np.asarray(data.train_labels)[idx]
             out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
-                          tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend)
+                          tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend,
+                          record_trace_m=cfg.bp.derivative == "lee2020")
             grads, stats = backward(layers, params, out, xp.asarray(y), cfg.bp, cfg.lif,
                                     cfg.pooling, xp=xp)
             if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \

@@ -198,6 +198,15 @@ def test_backends_agree_on_realistic_nets():
             np.testing.assert_array_equal(a.spikes[i], b.spikes[i])
             np.testing.assert_allclose(a.trace_p[i], b.trace_p[i], rtol=1e-12)
             np.testing.assert_array_equal(a.count[i], b.count[i])
+            np.testing.assert_allclose(a.trace_m[i], b.trace_m[i], rtol=1e-12)
+        # without trace_m (what training with lee2018 runs) nothing else changes
+        d = forward(layers, params, x, tau_p=20.0, backend="numba", dtype=np.float64,
+                    record_trace_m=False)
+        assert all(t is None for t in d.trace_m[1:])
+        for i in range(len(layers)):
+            np.testing.assert_array_equal(d.spikes[i], a.spikes[i])
+            np.testing.assert_array_equal(d.trace_p[i], a.trace_p[i])
+            np.testing.assert_array_equal(d.count[i], a.count[i])
         # float32 runs the same network; spikes agree with float64 nearly everywhere
         c = forward(layers, params, x, tau_p=20.0, backend="numba", dtype=np.float32)
         assert (c.spikes[-1] == a.spikes[-1]).mean() > 0.99
