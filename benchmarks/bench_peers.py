@@ -412,16 +412,12 @@ def bptt_flops(layers, T: int, batch: int) -> dict:
 def torch_sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     import torch
 
+    from benchmarks.reference import matmul_gflops
+
     g = torch.Generator().manual_seed(0)
     a = torch.rand((n, n), generator=g)
     b = torch.rand((n, n), generator=g)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return matmul_gflops(a, b, repeats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,15 +5,22 @@ import time
 import numpy as np
 
 
-def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` GFLOP/s of an n×n float32 matmul through numpy's BLAS."""
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    a @ b  # warm-up: thread pool, page faults
+def matmul_gflops(a, b, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of ``a @ b`` for square n×n operands of any array library
+    with ``@`` (numpy, torch), after one warm-up product (thread pool, page faults)."""
+    n = a.shape[0]
+    a @ b
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of an n×n float32 matmul through numpy's BLAS."""
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    return matmul_gflops(a, b, repeats)

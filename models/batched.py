@@ -543,6 +543,15 @@ if _HAVE_NUMBA:
                 tp[n] = tp[n] * decay_p + add
 
     @numba.njit(inline="always")
+    def _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags):
+        # image b's final count and traces into the (B, N) outputs; flags = (tm, tp recorded)
+        count[b, :] = cnt
+        if flags[0]:
+            trace_m[b, :] = tm
+        if flags[1]:
+            trace_p[b, :] = tp
+
+    @numba.njit(inline="always")
     def _add_row(dst, src):
         # dst += src over one contiguous row; as a separate 1-D loop LLVM vectorises it (written
         # inline with 4-D indexing the same loop ran ~3x slower, measured)
@@ -586,11 +595,7 @@ if _HAVE_NUMBA:
                                                  kf[(dy * k + dx) * C + c])
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
                           decay_p, flags)
-            count[b, :] = cnt
-            if flags[0]:
-                trace_m[b, :] = tm
-            if flags[1]:
-                trace_p[b, :] = tp
+            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _pool_layer_numba(s_in, size, weight, th, decay, subtract, decay_p, flags, out, count,
@@ -622,11 +627,7 @@ if _HAVE_NUMBA:
                     cur[n] *= weight
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
                           decay_p, flags)
-            count[b, :] = cnt
-            if flags[0]:
-                trace_m[b, :] = tm
-            if flags[1]:
-                trace_p[b, :] = tp
+            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _fc_layer_numba(s_in, wt, th, decay, subtract, decay_p, flags, out, count, trace_m,
@@ -649,11 +650,7 @@ if _HAVE_NUMBA:
                         _add_row(cur, wt[j])
                 _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
                           decay_p, flags)
-            count[b, :] = cnt
-            if flags[0]:
-                trace_m[b, :] = tm
-            if flags[1]:
-                trace_p[b, :] = tp
+            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _lif_numba(current, th, decay, subtract, out, count, trace_m, decay_p, trace_p, flags):
@@ -669,11 +666,7 @@ if _HAVE_NUMBA:
             for t in range(T):
                 _lif_step(v, current[t, b], th, decay, subtract, zero, one, out[t, b], cnt,
                           tm, tp, decay_p, flags)
-            count[b, :] = cnt
-            if flags[0]:
-                trace_m[b, :] = tm
-            if flags[1]:
-                trace_p[b, :] = tp
+            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _traces_numba(s, decay_m, decay_p, count, trace_m, trace_p, do_p):
@@ -691,7 +684,4 @@ if _HAVE_NUMBA:
                     cnt[n] += x
                     if do_p:
                         tp[n] = tp[n] * decay_p + x
-            count[b, :] = cnt
-            trace_m[b, :] = tm
-            if do_p:
-                trace_p[b, :] = tp
+            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, (True, do_p))
