@@ -19,6 +19,7 @@ mini-batch of 100 real MNIST images at T = 50 steps (the later-epoch presentatio
 Run::
 
     python benchmarks/bench_trainer.py [--iterations 10] [--batch 100] [--steps 50] [--json out.json]
+        [--array-module cupy]
         [--topology T --weights runs/x/final.npz ...]
 
 MNIST is read through protocols.datasets (set MNIST_DIR); ``--synthetic`` uses random images of
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brian2 import ms  # noqa: E402
 
-from models.batched import forward, params_from_arrays  # noqa: E402
+from models.batched import forward, params_from_arrays, params_to_arrays  # noqa: E402
 from models.initialisation import initialise  # noqa: E402
 from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
@@ -66,13 +67,15 @@ def dense_flops(layers, T: int, batch: int) -> dict:
 
 
 def bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
-          weights: str | None = None) -> dict:
+          weights: str | None = None, xp=np) -> dict:
     layers = parse_topology(topology)
     rng = np.random.default_rng(0)
     params = initialise(layers, rng)
     if weights and weights != "init":
         with np.load(weights, allow_pickle=False) as data:
             params = params_from_arrays(layers, {k: data[k] for k in data.files})
+    params = params_from_arrays(layers, params_to_arrays(layers, params), xp=xp)
+    sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
     bp = BPParameters()
     lif = LIFParameters()
     tau_p = tau_steps(bp.tau_p, lif.dt)
@@ -80,16 +83,22 @@ def bench(topology: str, images, labels, iterations: int, batch: int, steps: int
     for it in range(iterations + 1):  # iteration 0 warms up (numba compilation, caches)
         idx = rng.integers(0, len(labels), batch)
         t0 = time.perf_counter()
-        x = poisson_spikes(images[idx], steps * ms, rng)
+        # as protocols.train: drawn on the CPU, then moved to the array module's device
+        x = xp.asarray(poisson_spikes(images[idx], steps * ms, rng))
+        y = xp.asarray(labels[idx])
+        sync()
         t1 = time.perf_counter()
-        out = forward(layers, params, x, tau_p=tau_p, keep_spikes=False,
+        out = forward(layers, params, x, tau_p=tau_p, keep_spikes=False, xp=xp,
                       record_trace_m=bp.derivative == "lee2020")  # as protocols.train
+        sync()
         t2 = time.perf_counter()
-        grads, _ = backward(layers, params, out, labels[idx], bp)
+        grads, _ = backward(layers, params, out, y, bp, xp=xp)
+        sync()
         t3 = time.perf_counter()
         # the step is applied with eta = 0: same work, but the network (and so its spike
         # counts, which set the cost of the event-driven forward pass) stays the one measured
         sgd_step(params, grads, 0.0)
+        sync()
         t4 = time.perf_counter()
         if it == 0:
             continue
@@ -98,7 +107,7 @@ def bench(topology: str, images, labels, iterations: int, batch: int, steps: int
     total = sum(phases.values())
     flops = dense_flops(layers, steps, batch)
     per_iter = total / iterations
-    rates = [float(c.mean()) / steps for c in out.count[1:]]
+    rates = [float(c.mean()) / steps for c in out.count[1:]]  # float() copies from a GPU
     return {
         "topology": topology,
         "iterations": iterations,
@@ -126,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", action="append",
                         help="trained weights (final.npz / checkpoint.npz of a run), one per "
                              "--topology; 'init' or default: the Lee initialisation")
+    parser.add_argument("--array-module", choices=("numpy", "cupy"), default="numpy",
+                        help="where the trainer's arrays live (cupy: on the GPU, with the fused "
+                             "CUDA recurrence; the reference is then the GPU's float32 sgemm)")
     args = parser.parse_args(argv)
 
     if args.synthetic:
@@ -138,27 +150,39 @@ def main(argv=None) -> int:
 
         data = load_dataset("mnist")
         images, labels, source = data.train_images, np.asarray(data.train_labels), data.source
+    if args.array_module == "cupy":
+        from benchmarks.reference import cupy_sgemm_gflops
+        from protocols.train import array_module
+
+        xp, reference, reference_name = array_module("cupy"), cupy_sgemm_gflops, "GPU sgemm 8192"
+    else:
+        xp, reference, reference_name = np, sgemm_gflops, "sgemm 2048"
     load_before = os.getloadavg()
-    gemm = sgemm_gflops()
+    gemm = reference()
     results = []
     topologies = args.topology or [SHALLOW, DEEP]
     weights = args.weights or [None] * len(topologies)
     if len(weights) != len(topologies):
         parser.error("give one --weights per --topology")
     for topo, w in zip(topologies, weights):
-        r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w)
+        r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp)
+        r["array_module"] = args.array_module
         r["weights"] = w if w and w != "init" else "initialisation"
         r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
         results.append(r)
-    gemm_after = sgemm_gflops()
+    gemm_after = reference()
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    if xp is not np:
+        machine["gpu"] = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     record = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": machine,
         "data": source,
-        "sgemm_2048_gflops": {"before": gemm, "after": gemm_after},
+        "reference": reference_name,
+        "sgemm_gflops": {"before": gemm, "after": gemm_after},
         "results": results,
     }
-    print(f"float32 sgemm 2048x2048: {gemm:.1f} GFLOP/s before, {gemm_after:.1f} after; "
+    print(f"float32 {reference_name}: {gemm:.1f} GFLOP/s before, {gemm_after:.1f} after; "
           f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for r in results:
         ph = ", ".join(f"{k} {v * 1000:.1f} ms ({r['phase_fraction'][k]:.0%})"

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def load_npz(path: str | os.PathLike) -> dict:
 
 
 def versions() -> dict:
-    """Versions of Python, the numerical stack, Brian2 and this package, and the platform."""
+    """Versions of Python, the numerical stack, Brian2 and this package, the platform, and the
+    git commit of the source that ran (``+dirty`` with uncommitted changes; None outside git)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -63,4 +65,22 @@ def versions() -> dict:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
+    out["git_commit"] = source_commit()
     return out
+
+
+def source_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout holding this package, ``+dirty`` when tracked
+    files differ from it; None when the package is not in a git checkout or git is missing."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")

@@ -98,6 +98,15 @@ class TrainingSettings:
             raise ValueError("backend 'numba' runs on the CPU; use 'auto' or 'xp' with cupy")
 
 
+def gpu_versions(xp) -> dict:
+    """CuPy's version and the GPU's name when the arrays live on a GPU; {} on NumPy."""
+    if xp is np:
+        return {}
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return {"cupy": xp.__version__, "cuda_runtime": xp.cuda.runtime.runtimeGetVersion(),
+            "gpu": props["name"].decode()}
+
+
 def array_module(name: str):
     """The array module of ``TrainingSettings.array_module``, with a clear error when CuPy or
     its GPU is missing."""
@@ -299,7 +308,7 @@ def train(
     record = {
         "config": config_to_dict(cfg),
         "seed": cfg.seed,
-        "versions": versions(),
+        "versions": {**versions(), **gpu_versions(xp)},
         "command": " ".join(sys.argv),
         "n_train": int(len(data.train_labels)),
         "n_test": int(len(data.test_labels)),

@@ -4,6 +4,7 @@ errors. Tiny nets on the offline mnist-5k subset; short presentations."""
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,9 @@ def test_sigkill_and_restart_gives_identical_metrics(tmp_path):
     assert frame_a.test_error.iloc[-1] < frame_a.test_error.iloc[0]  # it learns something
     record = json.loads((tmp_path / "a" / "config.json").read_text())
     assert record["seed"] == 5 and record["versions"]["numpy"] == np.__version__
+    # the source that ran: the checkout's commit (CI runs from a clone), or None outside git
+    commit = record["versions"]["git_commit"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
     assert json.loads((tmp_path / "a" / "status.json").read_text())["status"] == "finished"
 
 
