@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         print(f"{r['topology']}: {r['images_per_s']:.0f} images/s "
               f"({r['s_per_iteration'] * 1000:.0f} ms per iteration of {r['batch']} at T = "
               f"{r['steps']}); dense-equivalent {r['dense_gflops_achieved']:.1f} GFLOP/s = "
-              f"{r['ratio_to_sgemm']:.0%} of sgemm (forward alone "
+              f"{r['ratio_to_sgemm']:.1%} of the reference (forward alone "
               f"{r['forward_dense_gflops_achieved']:.1f} GFLOP/s)\n    per phase: {ph}\n"
               f"    weights: {r['weights']}; spikes per unit per step by layer: "
               + ", ".join(f"{x:.4f}" for x in r["spike_rate_per_layer_per_step"]))

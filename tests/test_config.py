@@ -1,6 +1,7 @@
 """Config files: unknown keys, wrong types and wrong units are errors naming the key."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -64,3 +65,21 @@ def test_bad_files(tmp_path):
     (tmp_path / "typo.toml").write_text("seeds = 1")
     with pytest.raises(ConfigError, match="typo.toml: unknown config key 'seeds'"):
         load_config(tmp_path / "typo.toml", Outer)
+
+
+def _committed_configs():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return sorted(root.rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", _committed_configs(), ids=lambda p: p.name)
+def test_every_committed_config_loads(path):
+    """Each config under configs/ validates against the dataclass of the command it names."""
+    from protocols.pretrain import PretrainConfig
+    from protocols.study import StudyConfig
+    from protocols.sweep import SweepConfig
+
+    kind = (SweepConfig if path.name.startswith("sweep_") else
+            PretrainConfig if path.name.startswith("pretrain_") else StudyConfig)
+    cfg = load_config(path, kind)
+    assert isinstance(cfg, kind)
