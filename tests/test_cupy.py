@@ -22,14 +22,17 @@ def _cupy():
     return cupy
 
 
-def test_forward_and_backward_on_cupy_equal_numpy():
+@pytest.mark.parametrize("backend", ["xp", "auto"])
+def test_forward_and_backward_on_cupy_equal_numpy(backend):
+    """On CuPy, the array-op loop ('xp') and the fused recurrence ('auto') give NumPy's spikes,
+    counts and traces exactly, and the backward pass its gradients (float64)."""
     cupy = _cupy()
     layers = parse_topology("12x12-4C3-2P-6FC-3FC")
-    params = initialise(layers, np.random.default_rng(0), "lee", InitParameters(alpha=2.0),
+    params = initialise(layers, np.random.default_rng(0), "lee", InitParameters(alpha=1.0),
                         dtype=np.float64)
-    images = np.random.default_rng(1).integers(0, 256, (5, 1, 12, 12), dtype=np.uint8)
-    spikes = poisson_spikes(images, 20 * ms, np.random.default_rng(2))
-    labels = np.array([0, 1, 2, 0, 1])
+    images = np.random.default_rng(1).integers(0, 256, (7, 1, 12, 12), dtype=np.uint8)
+    spikes = poisson_spikes(images, 30 * ms, np.random.default_rng(2))
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
     bp = BPParameters()
     tau_p = tau_steps(bp.tau_p, LIFParameters().dt)
 
@@ -37,9 +40,13 @@ def test_forward_and_backward_on_cupy_equal_numpy():
     gpu_params = [None if p is None else type(p)(cupy.asarray(p.weights), cupy.asarray(p.thresholds))
                   for p in params]
     gpu = forward(layers, gpu_params, cupy.asarray(spikes), xp=cupy, dtype=np.float64,
-                  tau_p=tau_p, backend="xp")
+                  tau_p=tau_p, backend=backend)
+    assert float(ref.count[-1].sum()) > 0  # the output layer spikes
     for index in range(len(layers)):
         np.testing.assert_array_equal(cupy.asnumpy(gpu.spikes[index]), ref.spikes[index])
+        for name in ("count", "trace_m", "trace_p"):
+            np.testing.assert_array_equal(cupy.asnumpy(getattr(gpu, name)[index]),
+                                          getattr(ref, name)[index], err_msg=name)
 
     grads, _ = backward(layers, params, ref, labels, bp)
     gpu_grads, _ = backward(layers, gpu_params, gpu, cupy.asarray(labels), bp, xp=cupy)
@@ -80,27 +87,6 @@ def test_fused_cuda_recurrence_equals_array_loop(reset, dtype):
     traces_cuda(cupy.asarray(spikes), decay, decay_p, *gpu_tr)
     for a, b in zip(gpu_tr, ref_tr):
         np.testing.assert_array_equal(cupy.asnumpy(a), b)
-
-
-def test_forward_fused_on_cupy_equals_numpy():
-    """backend='auto' on CuPy (fused recurrence) gives NumPy's spikes and traces (float64)."""
-    cupy = _cupy()
-    layers = parse_topology("12x12-4C3-2P-6FC-3FC")
-    params = initialise(layers, np.random.default_rng(0), "lee", InitParameters(alpha=1.0),
-                        dtype=np.float64)
-    images = np.random.default_rng(1).integers(0, 256, (7, 1, 12, 12), dtype=np.uint8)
-    spikes = poisson_spikes(images, 30 * ms, np.random.default_rng(2))
-    ref = forward(layers, params, spikes, dtype=np.float64, tau_p=20.0, backend="xp")
-    gpu_params = [None if p is None else type(p)(cupy.asarray(p.weights), cupy.asarray(p.thresholds))
-                  for p in params]
-    gpu = forward(layers, gpu_params, cupy.asarray(spikes), xp=cupy, dtype=np.float64,
-                  tau_p=20.0, backend="auto")
-    assert float(ref.count[-1].sum()) > 0  # the output layer spikes
-    for index in range(len(layers)):
-        np.testing.assert_array_equal(cupy.asnumpy(gpu.spikes[index]), ref.spikes[index])
-        for name in ("count", "trace_m", "trace_p"):
-            np.testing.assert_array_equal(cupy.asnumpy(getattr(gpu, name)[index]),
-                                          getattr(ref, name)[index], err_msg=name)
 
 
 @pytest.mark.parametrize("backend", ["xp", "auto"])
