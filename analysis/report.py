@@ -8,7 +8,9 @@ Run::
 writes, under ``--out``: ``error_curves.{png,svg}`` (test error vs iteration per seed and arm,
 log axes, with each run's first crossing of the threshold), ``nll.{png,svg}`` (test vs train
 NLL), ``kernels_<arm>.{png,svg}`` (first-layer kernels at the end of one run per arm, Fig. 6),
-and the tables ``iterations_to_threshold``, ``error_summary`` (mean, std, bootstrap 95 % CI),
+and the tables ``iterations_to_threshold`` (per run), ``threshold_summary`` (per arm: runs that
+reach the threshold, mean ± std of their iterations), ``error_summary`` (mean, std, bootstrap
+95 % CI),
 ``variance_test`` (Brown–Forsythe) and ``final_costs`` (NLL averaged over a window), each as
 CSV and Markdown.
 """
@@ -55,8 +57,10 @@ def report(root: Path, out: Path, threshold: float, at: list[int],
     table = load_runs(root)
     last = int(table["iteration"].max())
     window = nll_window or (int(0.8 * last), last)
+    crossings = stats.iterations_to_threshold(table, threshold)
     tables = {
-        "iterations_to_threshold": stats.iterations_to_threshold(table, threshold),
+        "iterations_to_threshold": crossings,
+        "threshold_summary": stats.threshold_summary(crossings),
         "error_summary": stats.error_summary(table, at),
         "variance_test": pd.concat([stats.variance_test(table, i) for i in at], ignore_index=True),
         "final_costs": stats.final_costs(table, window),

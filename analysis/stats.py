@@ -37,6 +37,28 @@ def iterations_to_threshold(table: pd.DataFrame, threshold: float, column: str =
     return pd.DataFrame(rows)
 
 
+def threshold_summary(crossings: pd.DataFrame) -> pd.DataFrame:
+    """Per group, from :func:`iterations_to_threshold`: how many runs reached the threshold, and
+    the mean, std (ddof=1), min and max of their iterations to it (Fig. 5's comparison).
+
+    Runs that never reached it are counted in ``n_runs`` but not averaged; ``censored_at`` is
+    the shortest of their lengths (they did not reach it within that many iterations).
+    """
+    rows = []
+    keys = _groups(crossings)
+    for key, group in crossings.groupby(keys, sort=True) if keys else [((), crossings)]:
+        key = key if isinstance(key, tuple) else (key,)
+        hit = group["iterations_to_threshold"].dropna().to_numpy(dtype=float)
+        missed = group[group["iterations_to_threshold"].isna()]
+        rows.append({**dict(zip(keys, key)), "n_runs": len(group), "n_reached": len(hit),
+                     "mean": hit.mean() if len(hit) else np.nan,
+                     "std": hit.std(ddof=1) if len(hit) > 1 else np.nan,
+                     "min": hit.min() if len(hit) else np.nan,
+                     "max": hit.max() if len(hit) else np.nan,
+                     "censored_at": float(missed["last_iteration"].min()) if len(missed) else np.nan})
+    return pd.DataFrame(rows)
+
+
 def _bootstrap_ci(values: np.ndarray, seed: int) -> tuple[float, float]:
     if len(values) < 2 or np.all(values == values[0]):
         return (float(values.mean()), float(values.mean())) if len(values) else (np.nan, np.nan)

@@ -56,6 +56,15 @@ def test_report_tables_match_pandas(tmp_path):
         got = crossing.loc[run, "iterations_to_threshold"]
         assert (np.isnan(expected) and np.isnan(got)) or got == expected
 
+    per_arm = pd.read_csv(tmp_path / "threshold_summary.csv").set_index("arm")
+    first = raw[raw.test_error <= 0.1].groupby(["arm", "run"]).iteration.min()
+    for arm, runs in raw.groupby("arm"):
+        reached = first[arm] if arm in first.index.get_level_values(0) else pd.Series(dtype=float)
+        assert per_arm.loc[arm, "n_runs"] == runs.run.nunique()
+        assert per_arm.loc[arm, "n_reached"] == len(reached)
+        if len(reached):
+            assert per_arm.loc[arm, "mean"] == pytest.approx(reached.mean())
+
     variance = pd.read_csv(tmp_path / "variance_test.csv")
     at200 = raw[raw.iteration == 200]
     row = variance[variance.iteration == 200].iloc[0]
@@ -82,6 +91,17 @@ def test_iterations_to_threshold_on_a_hand_made_table():
     assert result.loc["a", "iterations_to_threshold"] == 10
     assert np.isnan(result.loc["b", "iterations_to_threshold"])
     assert result.loc["b", "last_iteration"] == 20
+
+
+def test_threshold_summary_counts_and_averages_only_runs_that_reach():
+    table = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 3 + ["c"] * 2, "arm": ["x"] * 8,
+                          "seed": [0] * 3 + [1] * 3 + [2] * 2,
+                          "iteration": [0, 10, 20] * 2 + [0, 10],
+                          "test_error": [0.9, 0.05, 0.01, 0.9, 0.5, 0.04, 0.9, 0.3]})
+    row = stats.threshold_summary(stats.iterations_to_threshold(table, 0.05)).iloc[0]
+    assert (row["n_runs"], row["n_reached"]) == (3, 2)
+    assert row["mean"] == 15 and row["std"] == pytest.approx(np.std([10, 20], ddof=1))
+    assert (row["min"], row["max"], row["censored_at"]) == (10, 20, 10)
 
 
 def test_variance_test_against_scipy():
