@@ -21,6 +21,16 @@ def _groups(table: pd.DataFrame) -> list[str]:
     return [c for c in GROUP if c in table.columns]
 
 
+def _by_group(table: pd.DataFrame, keys: list[str]):
+    """``(key columns as a dict, rows)`` per group of ``keys`` (one group, {} when no keys)."""
+    if not keys:
+        yield {}, table
+        return
+    for key, group in table.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        yield dict(zip(keys, key)), group
+
+
 def iterations_to_threshold(table: pd.DataFrame, threshold: float, column: str = "test_error") -> pd.DataFrame:
     """Per run, the first logged iteration whose ``column`` is ≤ ``threshold`` (NaN if never).
 
@@ -45,12 +55,10 @@ def threshold_summary(crossings: pd.DataFrame) -> pd.DataFrame:
     the shortest of their lengths (they did not reach it within that many iterations).
     """
     rows = []
-    keys = _groups(crossings)
-    for key, group in crossings.groupby(keys, sort=True) if keys else [((), crossings)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for key, group in _by_group(crossings, _groups(crossings)):
         hit = group["iterations_to_threshold"].dropna().to_numpy(dtype=float)
         missed = group[group["iterations_to_threshold"].isna()]
-        rows.append({**dict(zip(keys, key)), "n_runs": len(group), "n_reached": len(hit),
+        rows.append({**key, "n_runs": len(group), "n_reached": len(hit),
                      "mean": hit.mean() if len(hit) else np.nan,
                      "std": hit.std(ddof=1) if len(hit) > 1 else np.nan,
                      "min": hit.min() if len(hit) else np.nan,
@@ -73,15 +81,13 @@ def error_summary(table: pd.DataFrame, iterations, column: str = "test_error", s
     Only iterations that every run of a group logged are summarised (missing → row skipped).
     """
     rows = []
-    keys = _groups(table)
-    for key, group in table.groupby(keys, sort=True) if keys else [((), table)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for key, group in _by_group(table, _groups(table)):
         for iteration in iterations:
             values = group.loc[group["iteration"] == iteration, column].to_numpy(dtype=float)
             if len(values) == 0:
                 continue
             low, high = _bootstrap_ci(values, seed)
-            rows.append({**dict(zip(keys, key)), "iteration": iteration, "n_seeds": len(values),
+            rows.append({**key, "iteration": iteration, "n_seeds": len(values),
                          "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
                          "ci95_low": low, "ci95_high": high})
     return pd.DataFrame(rows)
@@ -98,8 +104,7 @@ def variance_test(table: pd.DataFrame, iteration: int, column: str = "test_error
     rows = []
     keys = [c for c in ("topology", "init") if c in table.columns]
     at = table[table["iteration"] == iteration]
-    for key, group in at.groupby(keys, sort=True) if keys else [((), at)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for key, group in _by_group(at, keys):
         a = group.loc[group["arm"] == arms[0], column].to_numpy(dtype=float)
         b = group.loc[group["arm"] == arms[1], column].to_numpy(dtype=float)
         if len(a) < 2 or len(b) < 2:
@@ -108,7 +113,7 @@ def variance_test(table: pd.DataFrame, iteration: int, column: str = "test_error
         statistic, p = (stats.levene(a, b, center="median") if min(len(a), len(b)) >= 3
                         else (np.nan, np.nan))
         var_a, var_b = a.var(ddof=1), b.var(ddof=1)
-        rows.append({**dict(zip(keys, key)), "iteration": iteration,
+        rows.append({**key, "iteration": iteration,
                      f"var_{arms[0]}": var_a, f"var_{arms[1]}": var_b,
                      "variance_ratio": var_b / var_a if var_a > 0 else np.inf,
                      "brown_forsythe_W": statistic, "p_value": p})

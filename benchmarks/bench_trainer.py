@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         images, labels, source = data.train_images, np.asarray(data.train_labels), data.source
     if args.array_module == "cupy":
         from benchmarks.reference import cupy_sgemm_gflops
-        from protocols.train import array_module
+        from protocols.train import array_module, gpu_versions
 
         xp, reference, reference_name = array_module("cupy"), cupy_sgemm_gflops, "GPU sgemm 8192"
     else:
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if xp is not np:
-        machine["gpu"] = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        machine.update(gpu_versions(xp))  # CuPy, CUDA runtime, GPU name
     record = {
         "machine": machine,
         "data": source,
