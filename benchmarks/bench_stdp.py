@@ -13,7 +13,7 @@ Measures, in one process:
 
 Run::
 
-    MNIST_DIR=/work/shared/data/mnist python -m benchmarks.bench_stdp --images 400
+    MNIST_DIR=/path/to/mnist python -m benchmarks.bench_stdp --images 400
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create one of the GPU-export environments (SPEC §7) next to the main .venv.
+# Create one of the GPU-export environments (docs/gpu.md) next to the main .venv.
 #
 #     bash envs/make-env.sh genn [DIR]     # brian2genn 1.7 + Brian2 2.5 (numpy < 2), default .venv-genn
 #     bash envs/make-env.sh cuda [DIR]     # brian2cuda 1.0b1 + Brian2 2.10 (Python >= 3.12), default .venv-cuda

@@ -1,6 +1,6 @@
 r"""Batched forward pass of the spiking network: the same equations as the Brian2 models.
 
-Every trainable layer and every pooling layer is the LIF membrane of SPEC §2, with dt = 1 step:
+Every trainable layer and every pooling layer is the LIF membrane of docs/method.md §2, with dt = 1 step:
 
 .. math::
     V[t] = d\,V[t-1] + I[t], \qquad s[t] = V[t] \ge v_{th}, \qquad
@@ -17,7 +17,7 @@ synaptic delay):
 * fully connected, weights ``(n_out, n_in)`` with inputs flattened in (C, H, W) order;
   thresholds a scalar or ``(n_out,)``.
 
-Efficient form (SPEC §4): one layer at a time, the input currents of **all** T steps are one
+Efficient form (docs/method.md §4.1): one layer at a time, the input currents of **all** T steps are one
 matrix product over (batch × T) (im2col for convolutions), in float32 BLAS; then the recurrence
 runs element-wise over T. On the CPU the recurrence is one fused, compiled loop (numba) that also
 accumulates the end-of-presentation traces the backward pass needs, so the currents are read once.
@@ -167,7 +167,7 @@ class Forward:
       ``keep_spikes=False``; the input and output layers are always kept);
     * ``count[i]``: spike count over the presentation, ``(batch, C, H, W)``;
     * ``trace_p[i]``: :math:`\\sum_k e^{-(T-1-t_k)/\\tau_p}`, the low-pass filtered spike train at
-      the last step (the activation of SPEC §4), when ``tau_p`` was given;
+      the last step (the activation of docs/method.md §4.1), when ``tau_p`` was given;
     * ``trace_m[i]``: the same with :math:`\\tau_m` (for the ``lee2020`` derivative).
 
     FC layers have shape ``(batch, n, 1, 1)`` here; :meth:`flat` gives ``(batch, n)``.

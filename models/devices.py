@@ -4,7 +4,7 @@
 ``runtime``        Brian2's runtime mode with Cython code generation (the default).
 ``cpp_standalone`` one C++ program; built once, re-run on new images and weights with
                    ``device.run(run_args=...)`` (:class:`StandaloneProgram`), never recompiled.
-``genn``           brian2genn (GPU through GeNN); lives in its own environment (SPEC §7) and
+``genn``           brian2genn (GPU through GeNN); lives in its own environment (docs/gpu.md) and
                    cannot express shared kernels or TimedArray input.
 ``cuda_standalone`` brian2cuda; generates and compiles CUDA code, needs a GPU to run.
 =================  ==========================================================================
@@ -56,7 +56,7 @@ def use_device(name: str, directory: str | None = None, threads: int | None = No
         except ImportError as err:
             raise DeviceError(
                 f"device {name!r} needs the package {package!r}, which is not importable here "
-                f"({err}); see SPEC §7 (brian2genn needs its own environment with brian2 2.5)"
+                f"({err}); see docs/gpu.md (brian2genn needs its own environment with brian2 2.5)"
             ) from None
     if directory is None:
         directory = tempfile.mkdtemp(prefix=f"lee2018_{name}_")

@@ -1,4 +1,4 @@
-r"""Random initialisation of the trainable layers (SPEC §5).
+r"""Random initialisation of the trainable layers (docs/method.md §5).
 
 Both schemes draw every weight from a uniform distribution and set each layer's firing
 threshold proportional to the width of that distribution [paper, §3: "the neuronal firing

@@ -1,6 +1,6 @@
 """Brian2 network of a topology string, scheduled to match the batched trainer step for step.
 
-Within one step of dt (SPEC §2, the contract with ``models/batched.py``):
+Within one step of dt (docs/method.md §2, the contract with ``models/batched.py``):
 
 1. ``groups`` slot: every membrane decays, ``v ← e^{-dt/τm} v`` (method ``exact``); homeostatic
    offsets decay, ``θ ← e^{-dt/τθ} θ``;

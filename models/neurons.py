@@ -1,4 +1,4 @@
-r"""Neuron models of the study as Brian2 equations (SPEC §1-3).
+r"""Neuron models of the study as Brian2 equations (docs/method.md §1-3).
 
 LIF membrane of every trainable layer and of the pooling layers [paper + recon]:
 
@@ -16,7 +16,7 @@ the incoming synapses *after* the decay and *before* the threshold test of the s
 exactly the discrete form of the batched trainer (the schedule is set in
 :mod:`models.network`).
 
-Feature-map-wise homeostasis [paper, SPEC §3]: every map m has one threshold offset
+Feature-map-wise homeostasis [paper, docs/method.md §3.3]: every map m has one threshold offset
 :math:`\theta_m` shared by all its units,
 
 .. math::

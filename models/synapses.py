@@ -1,6 +1,6 @@
 r"""Synapses of the study: shared-kernel convolutions with STDP, pooling, fully connected.
 
-Shared kernels (SPEC §3): each conv layer has one *kernel group*, a NeuronGroup with one unit per
+Shared kernels (docs/method.md §3.2): each conv layer has one *kernel group*, a NeuronGroup with one unit per
 kernel entry ``(m, c, dy, dx)`` holding ``k``. The layer's Synapses object declares
 ``w : 1 (linked)`` and links it to ``k`` through the synaptic integer index ``kidx``, so every
 position of a map reads (and STDP writes) the same entry. The forward current of unit

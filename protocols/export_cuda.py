@@ -1,4 +1,4 @@
-r"""Export a trained network as a brian2cuda (``cuda_standalone``) project (SPEC §7).
+r"""Export a trained network as a brian2cuda (``cuda_standalone``) project (docs/gpu.md).
 
 Run (in the brian2cuda environment, ``bash envs/make-cuda-env.sh`` creates ``.venv-cuda``)::
 
@@ -8,7 +8,7 @@ Run (in the brian2cuda environment, ``bash envs/make-cuda-env.sh`` creates ``.ve
 
 Unlike brian2genn, brian2cuda runs on Brian2 >= 2.9, so the network is the package's own
 :func:`models.network.build_network`: shared kernels as *linked* synaptic variables, the
-schedule of SPEC §2 through ``when``/``order`` (a spike crosses every layer in the step it is
+schedule of docs/method.md §2 through ``when``/``order`` (a spike crosses every layer in the step it is
 emitted: no lag, identical to the trainer), input from a SpikeGeneratorGroup playing pre-drawn
 Poisson spikes of N images one after another, and the per-presentation reset of
 ``build_network(presentation=T)`` (a ``run_regularly`` at the start of each image). With a GPU

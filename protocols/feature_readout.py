@@ -1,6 +1,6 @@
 """Feature quality of STDP pre-trained conv kernels vs equally tuned random kernels (issue 3).
 
-Question: does STDP pre-training (SPEC §3) give the first conv layer better features than random
+Question: does STDP pre-training (docs/method.md §3) give the first conv layer better features than random
 kernels, once the firing rates are the same? The readout is a linear classifier on the frozen
 layer's pooled spike counts, so it measures the features, not a fine-tuning procedure.
 
@@ -33,7 +33,7 @@ Per seed:
 
 Run::
 
-    MNIST_DIR=/work/shared/data/mnist python -m protocols.feature_readout --seeds 0 1 2 \
+    MNIST_DIR=/path/to/mnist python -m protocols.feature_readout --seeds 0 1 2 \
         [--n-train 20000 --n-test 10000] [--out results/feature_readout]
 
 Outputs (``--out``, all written atomically, no pickle): ``results.csv`` (tidy: one row per seed

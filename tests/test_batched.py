@@ -1,5 +1,5 @@
 """The batched forward pass: LIF recurrence against analytic values, pooling, convolution against
-scipy's correlate2d, and the whole network against a plain-loop reference of SPEC §2."""
+scipy's correlate2d, and the whole network against a plain-loop reference of docs/method.md §2."""
 
 import math
 
@@ -129,7 +129,7 @@ def test_conv_layer_spikes_follow_scipy_correlation(backend):
 
 
 def reference_forward(layers, params, x, lif, pool):
-    """Plain loops over steps, units and synapses of SPEC §2 (float64, dict-of-lists state)."""
+    """Plain loops over steps, units and synapses of docs/method.md §2 (float64, dict-of-lists state)."""
     T, B = x.shape[:2]
     spikes = [x.astype(bool)]
     for i, layer in enumerate(layers[1:], start=1):

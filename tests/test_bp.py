@@ -1,5 +1,5 @@
 """The rate-based backward pass against an independent plain-loop reference of the same formulas
-(SPEC §4, protocols/bp.py docstring), on tiny nets covering conv → pool → conv → FC → FC."""
+(docs/method.md §4, protocols/bp.py docstring), on tiny nets covering conv → pool → conv → FC → FC."""
 
 import math
 

@@ -1,6 +1,6 @@
 """The batched trainer simulates the same network as Brian2: identical spikes, layer by layer.
 
-SPEC §2 asks that one set of equations drive both. Here the shallow net of the paper, with
+docs/method.md §2 asks that one set of equations drive both. Here the shallow net of the paper, with
 Lee-initialised weights scaled so that every layer fires, receives the same Poisson spikes of real
 MNIST digits in Brian2 (runtime device) and in ``models.batched.forward`` (float64, both the
 compiled and the plain array backend).

@@ -1,4 +1,4 @@
-"""brian2cuda export (SPEC §7): the generated cuda_standalone project, generate-only here.
+"""brian2cuda export (docs/gpu.md): the generated cuda_standalone project, generate-only here.
 
 Runs the export in the brian2cuda environment (Python >= 3.12, Brian2 2.10):
 ``bash envs/make-cuda-env.sh`` creates ``.venv-cuda``; ``$LEE2018_CUDA_PYTHON`` names another

@@ -1,4 +1,4 @@
-"""GeNN export (SPEC §7): the generated brian2genn project, and what GeNN computes.
+"""GeNN export (docs/gpu.md): the generated brian2genn project, and what GeNN computes.
 
 The generation tests run the export in the GeNN environment (brian2genn 1.7 needs Brian2 2.5):
 ``bash envs/make-genn-env.sh`` creates ``.venv-genn``; ``$LEE2018_GENN_PYTHON`` names another

@@ -34,7 +34,7 @@ def _lif(current, v_th, decay):
 
 
 def _reference(layers, weights, thresholds, spikes, decay):
-    """The discrete equations of SPEC §2 in plain NumPy (float64)."""
+    """The discrete equations of docs/method.md §2 in plain NumPy (float64)."""
     out = [spikes]
     for index, layer in enumerate(layers[1:], start=1):
         s = out[-1]

@@ -1,4 +1,4 @@
-"""Weight-dependent STDP on shared kernels, with per-map averaging (SPEC §3)."""
+"""Weight-dependent STDP on shared kernels, with per-map averaging (docs/method.md §3.1-3.2)."""
 
 import math
 
