@@ -1,6 +1,6 @@
 """Parameter sets of the study: the one source of truth for the Brian2 models and the trainer.
 
-Every value is marked as in ``SPEC.md``: **[paper]** stated by Lee et al. (2018), **[recon]**
+Every value is marked as in ``docs/method.md``: **[paper]** stated by Lee et al. (2018), **[recon]**
 reconstructed from the paper's words, **[choice]** picked by this project, with the reason next
 to it. Times and rates carry Brian2 units; membrane potentials, weights and thresholds are
 dimensionless (in units of one synaptic weight), as in the paper's discrete model.
@@ -62,7 +62,7 @@ def _check_choice(obj, name: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class LIFParameters:
-    r"""Leaky integrate-and-fire membrane of every trainable layer (SPEC §2).
+    r"""Leaky integrate-and-fire membrane of every trainable layer (docs/method.md §2).
 
     .. math::
         \tau_m \frac{dV}{dt} = -V + \sum_i w_i \sum_k \delta(t - t_k^i)
@@ -76,7 +76,12 @@ class LIFParameters:
     #: [choice] 20 ms: the textbook cortical membrane constant of the paper's LIF reference
     #: (Dayan & Abbott 2001); 20 steps of memory integrate a rate code within a 25-100 ms window.
     tau_m: Quantity = unit_default(20 * ms)
-    #: [recon] "zero" (reset to 0, the default) or "subtract" (reset by subtracting v_th)
+    #: [recon] "zero" (reset to 0, the default) or "subtract": V minus the threshold that was
+    #: tested, v_th + theta with theta as it was before this step's homeostatic increment.
+    #: [choice] that threshold, not v_th alone nor v_th + the raised theta: the unit gives up
+    #: exactly the potential that made it fire (a rate-preserving reset, as in ANN-to-SNN
+    #: conversion), and it is the one value every backend has at the test (the trainer's frozen
+    #: thresholds; Brian2 raises theta in the ``end`` slot, after the reset; models/network.py).
     reset: str = "zero"
 
     def __post_init__(self):
@@ -95,7 +100,7 @@ class LIFParameters:
 
 @dataclass(frozen=True)
 class PoolingParameters:
-    """Fixed spatial pooling (SPEC §1): a k×k window of weights 0.25 fires above 0.8 [paper].
+    """Fixed spatial pooling (docs/method.md §1.3): a k×k window of weights 0.25 fires above 0.8 [paper].
 
     The pooling unit is the same LIF membrane as the trainable layers (leak tau_m, reset) [recon]:
     the paper calls every layer's unit a spiking neuron and gives no separate pooling dynamics.
@@ -127,7 +132,7 @@ class InputParameters:
 
 @dataclass(frozen=True)
 class STDPParameters:
-    r"""Weight-dependent positive STDP of the conv kernels (SPEC §3) [paper + recon].
+    r"""Weight-dependent positive STDP of the conv kernels (docs/method.md §3.1-3.2) [paper + recon].
 
     At a post-synaptic spike, for every synapse of the firing unit
 
@@ -174,7 +179,7 @@ class STDPParameters:
 
 @dataclass(frozen=True)
 class HomeostasisParameters:
-    r"""Feature-map-wise adaptive threshold during pre-training (SPEC §3) [paper + recon].
+    r"""Feature-map-wise adaptive threshold during pre-training (docs/method.md §3.3) [paper + recon].
 
     :math:`\theta_m[t] = e^{-dt/\tau_\theta}\theta_m[t-1] + \Delta\theta\, n_m[t]`, unit threshold
     :math:`v_{th} + \theta_m`; theta is frozen (not updated) outside pre-training.
@@ -197,7 +202,7 @@ class HomeostasisParameters:
 
 @dataclass(frozen=True)
 class PretrainingParameters:
-    """Greedy layer-wise STDP pre-training protocol (SPEC §3)."""
+    """Greedy layer-wise STDP pre-training protocol (docs/method.md §3.4)."""
 
     #: [paper] each image is presented for 25 ms (dt = 1 ms)
     presentation: Quantity = unit_default(25 * ms)
@@ -211,7 +216,7 @@ class PretrainingParameters:
     #: become strokes and the run is 2x faster (docs/pretraining.md).
     max_rate: Quantity = unit_default(250 * Hz)
     #: [choice] 1.0: initial base threshold of a pre-trained conv layer = alpha * k with
-    #: k = sqrt(3/fan_in), the Lee initialisation rule (SPEC §5); homeostasis then adapts it.
+    #: k = sqrt(3/fan_in), the Lee initialisation rule (docs/method.md §5); homeostasis then adapts it.
     v_th_alpha: float = 1.0
     #: [choice] 100 images per Brian2 run: one standalone run per batch amortises the program
     #: start (~10 ms) and keeps the stimulus table small (100 × 25 × 784 values).
@@ -232,7 +237,7 @@ class PretrainingParameters:
 
 @dataclass(frozen=True)
 class InitParameters:
-    """Random initialisation of conv and FC layers (SPEC §5): w ~ U[-k, k], v_th = alpha · k."""
+    """Random initialisation of conv and FC layers (docs/method.md §5): w ~ U[-k, k], v_th = alpha · k."""
 
     #: [choice] 20: v_th = 20·k. Shallow net, supervised, η = 10, 150 iterations at T = 50,
     #: seed 0, test error on 1,000 test images: α = 1 → 15 % (at 200), 3 → 17 %, 10 → 10 %,
@@ -249,7 +254,7 @@ class InitParameters:
 
 @dataclass(frozen=True)
 class BPParameters:
-    """Spike-based BP fine-tuning (SPEC §4); the equations are in protocols/bp.py."""
+    """Spike-based BP fine-tuning (docs/method.md §4); the equations are in protocols/bp.py."""
 
     #: [choice] 20 ms. Same experiment as InitParameters.alpha (α = 10, η = 10): τ_p = 10 ms
     #: stalls at 94 % error (saturated output units have a' = 1 − a/τ_p ≈ 0), 20 ms → 10 %,
@@ -262,9 +267,23 @@ class BPParameters:
     #: conv gradients are averaged over the positions sharing a kernel entry and ΔW is the batch
     #: mean of δ·â with â ∈ [0, 1].
     eta: float = 30.0
-    #: [recon] pseudo-derivative a'(net): "lee2018" (max(0, 1 - a/tau_p)), "lee2020" (leak-aware,
-    #: Lee et al. 2020), "straight_through" (1)
+    #: [recon] pseudo-derivative a'(net): "lee2018" (max(0, 1 - a/tau_p)), "lee2018_window"
+    #: (1 - a/max(tau_p, T): the same leak over the presentation, non-saturating as the paper
+    #: says of its derivative), "lee2020" (leak-aware, Lee et al. 2020), "straight_through" (1)
     derivative: str = "lee2018"
+    #: [recon] a' of hidden units that did not fire in the presentation: "pass" (each
+    #: derivative's own value: 1 for lee2018) or "zero" (Lee et al. 2020's public code gates the
+    #: gradient by the unit's trace > 0). Output units are never gated.
+    silent_units: str = "pass"
+    #: [recon] conv kernel gradient over the positions sharing an entry: "mean" (the paper's
+    #: words, "we average the partial derivatives over the output map connections") or "sum"
+    #: (the MATLAB CNN code of the time, DeepLearnToolbox cnnbp.m: the exact gradient)
+    conv_reduction: str = "mean"
+    #: [choice] 1: factor on eta for conv layers (a per-layer step balance; 1 = the paper's one eta)
+    conv_eta_scale: float = 1.0
+    #: [choice] 0: L2 weight decay lambda (dW += lambda W); Lee et al. 2020's code uses 5e-4.
+    #: Off by default: the paper does not mention one
+    weight_decay: float = 0.0
     #: [recon] normalised activation a-hat: "max" (a / activation of a unit firing every step,
     #: in [0, 1]) or "T" (a / T)
     activation_norm: str = "max"
@@ -277,7 +296,13 @@ class BPParameters:
 
     def __post_init__(self):
         _check(self)
-        _check_choice(self, "derivative", ("lee2018", "lee2020", "straight_through"))
+        _check_choice(self, "derivative",
+                      ("lee2018", "lee2018_window", "lee2020", "straight_through"))
+        _check_choice(self, "silent_units", ("pass", "zero"))
+        _check_choice(self, "conv_reduction", ("mean", "sum"))
+        if self.conv_eta_scale <= 0 or self.weight_decay < 0:
+            raise ParameterError("BPParameters: conv_eta_scale must be positive and "
+                                 "weight_decay non-negative")
         _check_choice(self, "activation_norm", ("max", "T"))
         if self.tau_p <= 0 * ms or self.t_first_epoch <= 0 * ms or self.t_later_epochs <= 0 * ms:
             raise ParameterError("BPParameters: tau_p and presentation lengths must be positive")

@@ -1,4 +1,4 @@
-r"""Spike-based BP fine-tuning: the rate-based backward pass and the SGD step (SPEC §4).
+r"""Spike-based BP fine-tuning: the rate-based backward pass and the SGD step (docs/method.md §4).
 
 The forward pass is spiking (:func:`models.batched.forward`). Once per presentation of T steps
 the backward pass reads, for every layer, the activation at the last step [paper]
@@ -27,23 +27,35 @@ Reading of the parts the paper's surviving text leaves open (all [recon], option
   ``lee2018`` :math:`\max(0,\ 1 + da/dt) \approx \max(0,\ 1 - a/\tau_p)` (the delta at each
   spike dropped, "adding a unity value to the time derivative of the activation"), clipped at 0
   because the derivative of a rate with respect to its drive is never negative;
+  ``lee2018_window`` the same leak over the whole presentation,
+  :math:`1 - a/\max(\tau_p, T)`: at least :math:`1 - a_{max}/T` (0.62 at T = 50), so it does
+  not saturate, as the paper says of its derivative;
   ``lee2020`` :math:`\frac{1}{v_{th}}\big(1 - \frac{1}{\gamma\,\tau_m}\sum_k e^{-(T-1-t_k)/\tau_m}\big)`
-  with γ the spike count (1/v_th for a silent unit);
+  with γ the unit's spike count and the sum over its own spikes (1/v_th for a silent unit);
   ``straight_through``: 1.
   Why the clip: unclipped (shallow net, full MNIST, η = 10, T = 100, seed 0) an output unit
   driven to fire at every step has a = a_max ≈ τ_p + 0.4 > τ_p, so a' < 0 flips the sign of its
   gradient, which pushes it further up, and the test error stayed near 80 % for 300 iterations.
   At T = 50, a_max ≈ 0.94 τ_p and the clip never acts. ``lee2020``
   does not vanish at saturation (1 − a_m/(γ τ_m) ≈ 1 for γ ≈ T).
+* Silent hidden units (option ``silent_units``): ``pass`` keeps each derivative's own value for
+  a unit that did not fire in the presentation (1 for ``lee2018``, 1/v_th for ``lee2020``);
+  ``zero`` gives them a' = 0, as the public code of Lee et al. (2020) does (its gradient is
+  gated by "the unit's leaky trace > 0"); ``lee2020`` with ``zero`` is that code's derivative.
+  Output units are never gated, so that a silent label unit still receives its error.
 * Normalised activation ``â`` (option ``activation_norm``): ``max``: a / a_max with
   a_max = Σ_{t<T} e^{-t/τ_p}, the activation of a unit that fires at every step, so â ∈ [0, 1]
   whatever τ_p and T (default); ``T``: a / T.
 * Every spiking layer is a hidden layer of the recursion, pooling included: its fixed weights
   w_pool pass δ down (each input unit of a window receives w_pool · δ of its pooling unit) and
   its own a' multiplies, as for any LIF unit.
-* Batch: ΔW is the mean over the images of the mini-batch. Convolutions: ΔK is in addition the
-  **mean** over the output positions sharing the kernel entry [paper: "we average the partial
-  derivatives over the output map connections sharing the particular weight"].
+* Batch: ΔW is the mean over the images of the mini-batch. Convolutions (option
+  ``conv_reduction``): ``mean`` divides ΔK in addition by the number of output positions sharing
+  the kernel entry [paper: "we average the partial derivatives over the output map connections
+  sharing the particular weight"]; ``sum`` adds them, the convention of the MATLAB CNN code of
+  the time (DeepLearnToolbox ``cnnbp.m``), which is the exact gradient of the batch-mean loss.
+  ``conv_eta_scale`` multiplies η for conv layers.
+* Weight decay (option ``weight_decay`` λ): ΔW ← ΔW + λ W before the step (L2 penalty ½λ‖W‖²).
 * Thresholds are not trained: the paper fine-tunes the synaptic weights only ("fine-tuning the
   synaptic weights with spike-based supervised gradient descent"); thresholds stay at their
   initialised or pre-trained values.
@@ -61,7 +73,7 @@ from models.batched import Forward, LayerParams
 from models.parameters import BPParameters, LIFParameters, PoolingParameters
 from models.topology import ConvLayer, FCLayer, Layer, PoolLayer
 
-DERIVATIVES = ("lee2018", "lee2020", "straight_through")
+DERIVATIVES = ("lee2018", "lee2018_window", "lee2020", "straight_through")
 NLL_FLOOR = 1e-12
 
 
@@ -105,10 +117,15 @@ class BatchStats:
 
 
 def pseudo_derivative(kind: str, trace_p, trace_m, count, v_th, tau_p_steps: float,
-                      tau_m_steps: float, xp=np):
-    """a'(net) of one layer's units, arrays ``(batch, ...)``; v_th broadcastable."""
+                      tau_m_steps: float, xp=np, *, T: int | None = None):
+    """a'(net) of one layer's units, arrays ``(batch, ...)``; v_th broadcastable. ``T`` (steps of
+    the presentation) is needed by ``lee2018_window``."""
     if kind == "lee2018":
         return xp.maximum(1.0 - trace_p / trace_p.dtype.type(tau_p_steps), 0)
+    if kind == "lee2018_window":
+        if T is None:
+            raise ValueError("the lee2018_window derivative needs the presentation length T")
+        return xp.maximum(1.0 - trace_p / trace_p.dtype.type(max(tau_p_steps, T)), 0)
     if kind == "lee2020":
         dtype = trace_m.dtype.type
         safe = xp.where(count > 0, count, 1)
@@ -129,6 +146,96 @@ def _col_view(a, k: int, xp):
         strides=(st[0], st[1], st[2], st[3], st[1], st[2]))
 
 
+def output_error(a_out, labels, xp=np):
+    """(e, p, loss, nll) of the output activations ``(batch, n)``: p = a/Σa, e = p − label,
+    loss = ½Σe² and NLL = −log p_label, both means over the batch."""
+    batch, n_out = a_out.shape
+    labels = xp.asarray(labels)
+    target = xp.zeros((batch, n_out), dtype=a_out.dtype)
+    target[xp.arange(batch), labels] = 1
+    p = output_probabilities(a_out, xp).astype(a_out.dtype, copy=False)
+    e = p - target
+    loss = 0.5 * (e * e).sum(axis=1).mean()
+    nll = -xp.log(xp.maximum(p[xp.arange(batch), labels], NLL_FLOOR)).mean()
+    return e, p, float(loss), float(nll)
+
+
+def layer_derivatives(layers, params, fwd: Forward, bp: BPParameters, lif: LIFParameters,
+                      pool: PoolingParameters, xp=np) -> list:
+    """a' of every spiking layer (channels-last, like ``fwd.trace_p_cl``; None for the input),
+    with silent hidden units gated by ``bp.silent_units``."""
+    tau_p = tau_steps(bp.tau_p, lif.dt)
+    tau_m = tau_steps(lif.tau_m, lif.dt)
+    dtype = fwd.trace_p_cl[-1].dtype
+    out: list = [None]
+    for i in range(1, len(layers)):
+        if isinstance(layers[i], PoolLayer):
+            v_th = dtype.type(pool.v_th)
+        else:  # last axis: maps / units
+            v_th = xp.asarray(params[i].thresholds, dtype=dtype).reshape(-1)
+        d = pseudo_derivative(bp.derivative, fwd.trace_p_cl[i], fwd.trace_m_cl[i],
+                              fwd.count_cl[i], v_th, tau_p, tau_m, xp, T=fwd.T)
+        if bp.silent_units == "zero" and i < len(layers) - 1:
+            d = xp.where(fwd.count_cl[i] > 0, d, dtype.type(0))
+        out.append(d)
+    return out
+
+
+def backpropagate(layers: Sequence[Layer], params: Sequence[LayerParams | None], a_hat: Sequence,
+                  derivs: Sequence, e, bp: BPParameters = BPParameters(),
+                  pool: PoolingParameters = PoolingParameters(), *, xp=np) -> list:
+    """The chain rule of the method, given what the forward pass measured.
+
+    ``a_hat[i]``: the presynaptic factor of layer i+1's weight gradient (normalised activation of
+    layer i, channels-last ``(B, H, W, C)``); ``derivs[i]``: a' of layer i (same layout; index 0
+    unused); ``e``: the output error ``(B, n)``. δ^L = e ⊙ a'^L; δ flows down through each
+    layer's weights (pooling: its fixed w_pool) and is multiplied by a' of the layer below.
+    Returns ΔW per layer (None for the input and pooling layers), batch mean and the conv
+    reduction of ``bp.conv_reduction``. Independent of how a and a' were obtained, so a
+    differentiable surrogate network can check it against finite differences.
+    """
+    n_layers = len(layers)
+    batch = e.shape[0]
+    dtype = e.dtype
+    grads: list = [None] * n_layers
+    delta = e.reshape(derivs[-1].shape) * derivs[-1]  # (B, 1, 1, n)
+    inv_b = dtype.type(1.0 / batch)
+    for i in range(n_layers - 1, 0, -1):
+        layer = layers[i]
+        if isinstance(layer, FCLayer):
+            c, h, w = layer.in_shape
+            d2 = delta.reshape(batch, layer.n)
+            g = d2.T @ a_hat[i - 1].reshape(batch, -1)  # (n, H·W·C), channels-last order
+            g = g.reshape(layer.n, h, w, c).transpose(0, 3, 1, 2).reshape(layer.n, -1)
+            grads[i] = g * inv_b
+            if i > 1:
+                wmat = xp.asarray(params[i].weights, dtype=dtype).reshape(layer.n, c, h, w)
+                wmat = wmat.transpose(0, 2, 3, 1).reshape(layer.n, -1)
+                back = (d2 @ wmat).reshape(batch, h, w, c)
+        elif isinstance(layer, ConvLayer):
+            k, m = layer.kernel, layer.n_maps
+            _, ho, wo = layer.shape
+            cin = layer.in_shape[0]
+            cols = _col_view(a_hat[i - 1], k, xp).reshape(batch * ho * wo, cin * k * k)
+            d2 = delta.reshape(batch * ho * wo, m)
+            g = (d2.T @ cols).reshape(m, cin, k, k)  # sum over images and positions
+            positions = ho * wo if bp.conv_reduction == "mean" else 1
+            grads[i] = g * dtype.type(1.0 / (batch * positions))
+            if i > 1:
+                kmat = xp.asarray(params[i].weights, dtype=dtype).reshape(m, -1)
+                contrib = (d2 @ kmat).reshape(batch, ho, wo, cin, k, k)
+                back = xp.zeros((batch,) + layer.in_shape[1:] + (cin,), dtype=dtype)
+                for dy in range(k):
+                    for dx in range(k):
+                        back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
+        else:  # pooling: fixed weights w_pool from each window unit to its pooling unit
+            s = layer.size
+            back = xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
+        if i > 1:
+            delta = back * derivs[i - 1]
+    return grads
+
+
 def backward(
     layers: Sequence[Layer],
     params: Sequence[LayerParams | None],
@@ -146,83 +253,44 @@ def backward(
     ``fwd`` must come from :func:`models.batched.forward` with ``tau_p`` = ``bp.tau_p`` in steps.
     """
     tau_p = tau_steps(bp.tau_p, lif.dt)
-    tau_m = tau_steps(lif.tau_m, lif.dt)
     if fwd.trace_p_cl[0] is None:
         raise ValueError("forward(...) was run without tau_p; pass tau_p=bp.tau_p / dt")
     if bp.derivative == "lee2020" and any(t is None for t in fwd.trace_m_cl):
         raise ValueError("the lee2020 derivative reads trace_m: run forward(..., "
                          "record_trace_m=True)")
-    T = fwd.T
     dtype = fwd.trace_p_cl[-1].dtype
-    norm = activation_max(T, tau_p) if bp.activation_norm == "max" else float(T)
-    n_layers = len(layers)
-    labels = xp.asarray(labels)
+    norm = activation_max(fwd.T, tau_p) if bp.activation_norm == "max" else float(fwd.T)
     batch = fwd.trace_p_cl[-1].shape[0]
-
     a_out = fwd.trace_p_cl[-1].reshape(batch, -1)
-    n_out = a_out.shape[1]
-    target = xp.zeros((batch, n_out), dtype=dtype)
-    target[xp.arange(batch), labels] = 1
-    p = output_probabilities(a_out, xp).astype(dtype, copy=False)
-    e = p - target
-    loss = 0.5 * (e * e).sum(axis=1).mean()
-    p_label = p[xp.arange(batch), labels]
-    nll = -xp.log(xp.maximum(p_label, NLL_FLOOR)).mean()
+    e, p, loss, nll = output_error(a_out, labels, xp)
     predictions = predict(fwd.count_cl[-1].reshape(batch, -1), a_out, xp)
-
-    def deriv(i):
-        layer = layers[i]
-        if isinstance(layer, PoolLayer):
-            v_th = dtype.type(pool.v_th)
-        else:
-            v_th = xp.asarray(params[i].thresholds, dtype=dtype).reshape(-1)  # last axis: maps/units
-        return pseudo_derivative(bp.derivative, fwd.trace_p_cl[i], fwd.trace_m_cl[i],
-                                 fwd.count_cl[i], v_th, tau_p, tau_m, xp)
-
-    grads: list = [None] * n_layers
-    delta = e.reshape(fwd.trace_p_cl[-1].shape) * deriv(n_layers - 1)  # (B, 1, 1, n)
-    inv_b = dtype.type(1.0 / batch)
-    for i in range(n_layers - 1, 0, -1):
-        layer = layers[i]
-        a_hat = fwd.trace_p_cl[i - 1] * dtype.type(1.0 / norm)  # (B, H, W, C) of layer i-1
-        if isinstance(layer, FCLayer):
-            c, h, w = layer.in_shape
-            d2 = delta.reshape(batch, layer.n)
-            g = d2.T @ a_hat.reshape(batch, -1)  # (n, H·W·C), channels-last order
-            g = g.reshape(layer.n, h, w, c).transpose(0, 3, 1, 2).reshape(layer.n, -1)
-            grads[i] = g * inv_b
-            if i > 1:
-                wmat = xp.asarray(params[i].weights, dtype=dtype).reshape(layer.n, c, h, w)
-                wmat = wmat.transpose(0, 2, 3, 1).reshape(layer.n, -1)
-                back = (d2 @ wmat).reshape(batch, h, w, c)
-        elif isinstance(layer, ConvLayer):
-            k, m = layer.kernel, layer.n_maps
-            _, ho, wo = layer.shape
-            cin = layer.in_shape[0]
-            cols = _col_view(a_hat, k, xp).reshape(batch * ho * wo, cin * k * k)
-            d2 = delta.reshape(batch * ho * wo, m)
-            g = (d2.T @ cols).reshape(m, cin, k, k)  # sum over images and positions
-            grads[i] = g * dtype.type(1.0 / (batch * ho * wo))
-            if i > 1:
-                kmat = xp.asarray(params[i].weights, dtype=dtype).reshape(m, -1)
-                contrib = (d2 @ kmat).reshape(batch, ho, wo, cin, k, k)
-                back = xp.zeros((batch,) + layer.in_shape[1:] + (cin,), dtype=dtype)
-                for dy in range(k):
-                    for dx in range(k):
-                        back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
-        else:  # pooling: fixed weights w_pool from each window unit to its pooling unit
-            s = layer.size
-            back = xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
-        if i > 1:
-            delta = back * deriv(i - 1)
-    stats = BatchStats(loss=float(loss), nll=float(nll), predictions=predictions,
-                       probabilities=p)
-    return grads, stats
+    a_hat = [t * dtype.type(1.0 / norm) for t in fwd.trace_p_cl[:-1]]
+    derivs = layer_derivatives(layers, params, fwd, bp, lif, pool, xp)
+    grads = backpropagate(layers, params, a_hat, derivs, e, bp, pool, xp=xp)
+    return grads, BatchStats(loss=loss, nll=nll, predictions=predictions, probabilities=p)
 
 
-def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta: float) -> None:
-    """W ← W − η ΔW in place, for every layer with a gradient (thresholds untouched)."""
-    for p, g in zip(params, grads):
+def layer_learning_rates(layers: Sequence[Layer], bp: BPParameters) -> list:
+    """η of every layer: ``bp.eta``, times ``bp.conv_eta_scale`` for conv layers."""
+    return [bp.eta * (bp.conv_eta_scale if isinstance(layer, ConvLayer) else 1.0)
+            for layer in layers]
+
+
+def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta,
+             weight_decay: float = 0.0) -> list:
+    """W ← W − η (ΔW + λW) in place, for every layer with a gradient (thresholds untouched).
+    ``eta``: one value, or one per layer (:func:`layer_learning_rates`). Returns the relative
+    step ‖W_new − W_old‖ / ‖W_old‖ of each layer (None where no gradient)."""
+    etas = eta if isinstance(eta, (list, tuple)) else [eta] * len(params)
+    rel: list = [None] * len(params)
+    for i, (p, g, lr) in enumerate(zip(params, grads, etas)):
         if g is None:
             continue
-        p.weights -= p.weights.dtype.type(eta) * g.astype(p.weights.dtype, copy=False)
+        g = g.astype(p.weights.dtype, copy=False)
+        if weight_decay:
+            g = g + p.weights.dtype.type(weight_decay) * p.weights
+        step = p.weights.dtype.type(lr) * g
+        norm = float((p.weights * p.weights).sum()) ** 0.5
+        rel[i] = float((step * step).sum()) ** 0.5 / norm if norm > 0 else float("inf")
+        p.weights -= step
+    return rel

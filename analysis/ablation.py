@@ -1,0 +1,138 @@
+"""Compare fine-tuning variants: one sweep folder per variant, side by side.
+
+Each sub-folder of ROOT is one variant's sweep (``configs/ablation/<variant>.toml`` writes
+``runs/ablation/<variant>/``). Writes, under ``--out``: ``ablation.{csv,md}`` (per variant and arm:
+seeds, test error at the ``--at`` iterations and its best, train error at the last, conv1's
+relative kernel change, the per-layer relative steps and their ratio, conv1 spikes per image),
+``per_run.{csv,md}`` (the same per run), ``error_curves.{png,svg}`` (test error per variant, one
+panel per arm), ``diagnostics.{png,svg}`` (:mod:`analysis.layer_diagnostics`, one line style
+per variant) and ``kernels_<variant>_<arm>.{png,svg}`` (conv1 kernels of the lowest seed).
+
+Run::
+
+    python -m analysis.ablation runs/ablation --out results/ablation_shallow --at 600 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.layer_diagnostics import diagnostics_figure, kernel_change
+from analysis.runs import load_runs
+
+
+def load_variants(root: Path) -> pd.DataFrame:
+    """All runs of every variant folder below ``root``, with a ``variant`` column."""
+    frames = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        if not any(folder.rglob("metrics.csv")):
+            continue
+        table = load_runs(folder)
+        table["run"] = [str(Path(folder.name) / r) for r in table["run"]]
+        frames.append(table.assign(variant=folder.name))
+    if not frames:
+        raise ValueError(f"no variant folders with runs below {root}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_run(table: pd.DataFrame, root: Path, at: list[int]) -> pd.DataFrame:
+    rows = []
+    for (variant, arm, seed, run), runs in table.groupby(["variant", "arm", "seed", "run"]):
+        runs = runs.sort_values("iteration").set_index("iteration")
+        last = runs.iloc[-1]
+        row = {"variant": variant, "arm": arm, "seed": seed, "iterations": int(runs.index[-1])}
+        for i in at:
+            row[f"test_{i}"] = runs["test_error"].get(i, np.nan)
+        row["best_test"] = runs["test_error"].min()
+        row["train_last"] = last["train_error"]
+        row["conv1_change"] = kernel_change(root / run)
+        for col in ("conv1_rel_step", "fc1_rel_step", "conv1_spikes", "conv1_silent",
+                    "fc1_saturated", "fc1_wnorm"):
+            row[col] = last.get(col, np.nan)
+        row["step_ratio"] = row["fc1_rel_step"] / row["conv1_rel_step"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds per variant and arm (with the seed count)."""
+    value_cols = [c for c in runs.columns if c not in ("variant", "arm", "seed")]
+    grouped = runs.groupby(["variant", "arm"], sort=True)
+    out = grouped[value_cols].mean()
+    out.insert(0, "seeds", grouped.size())
+    return out.reset_index()
+
+
+def error_figure(table: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    arms = sorted(table["arm"].unique())
+    figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4), squeeze=False,
+                                sharey=True)
+    variants = sorted(table["variant"].unique())
+    colours = dict(zip(variants, plt.get_cmap("tab10").colors))
+    for ax, arm in zip(axes.flat, arms):
+        for (variant, run), runs in table[table["arm"] == arm].groupby(["variant", "run"]):
+            runs = runs.sort_values("iteration")
+            ax.plot(runs["iteration"], 100 * runs["test_error"], color=colours[variant], lw=1.2,
+                    label=variant)
+        ax.set_title(arm)
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("test error (%)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    figure.legend(unique.values(), unique.keys(), loc="upper center", ncol=3, frameon=False,
+                  bbox_to_anchor=(0.5, 1.1))
+    figure.tight_layout()
+    return figure
+
+
+def write(table: pd.DataFrame, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
+    (out / f"{name}.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def main(argv=None) -> int:
+    from analysis import figures
+    from analysis.kernels import kernel_grid
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="folder of variant sweep folders")
+    parser.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
+    parser.add_argument("--at", type=int, nargs="+", default=[600, 1200],
+                        help="iterations at which to compare the test error")
+    args = parser.parse_args(argv)
+    try:
+        table = load_variants(args.root)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    runs = per_run(table, args.root, args.at)
+    write(runs, args.out, "per_run")
+    write(summary(runs), args.out, "ablation")
+    figures.save(error_figure(table), args.out / "error_curves")
+    figures.save(diagnostics_figure(table, group="variant"), args.out / "diagnostics")
+    for (variant, arm), group in table.groupby(["variant", "arm"]):
+        run = group.sort_values("seed")["run"].iloc[0]
+        for name in ("final.npz", "checkpoint.npz"):
+            path = args.root / run / name
+            if path.exists():
+                with np.load(path, allow_pickle=False) as arrays:
+                    kernels = arrays["conv1_kernels"]
+                figures.save(kernel_grid(kernels, title=f"{variant} · {arm} · conv1"),
+                             args.out / f"kernels_{variant}_{arm}")
+                break
+    print(summary(runs).to_markdown(index=False, floatfmt=".4g"))
+    print(f"\nwrote tables and figures to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
