@@ -6,7 +6,10 @@ Every trainable layer and every pooling layer is the LIF membrane of docs/method
     V[t] = d\,V[t-1] + I[t], \qquad s[t] = V[t] \ge v_{th}, \qquad
     V[t] \leftarrow 0 \ (\text{reset='zero'}) \ \text{or}\ V[t] - v_{th}\ (\text{'subtract'})
 
-with :math:`d = e^{-dt/\tau_m}` (:attr:`LIFParameters.decay`) and :math:`V[-1] = 0`. The input
+with :math:`d = e^{-dt/\tau_m}` (:attr:`LIFParameters.decay`) and :math:`V[-1] = 0`. The
+thresholds are frozen (after pre-training: base :math:`v_{th}` + adapted :math:`\theta`), so a
+reset by subtraction removes exactly the threshold the spike crossed, as the Brian2 layers do
+under homeostasis (``LIFParameters.reset``; :mod:`models.neurons`). The input
 current of a layer at step t comes from the previous layer's spikes at the **same** step t (no
 synaptic delay):
 

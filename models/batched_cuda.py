@@ -3,7 +3,7 @@ kernel launch per layer, and the input layer's traces likewise.
 
 The equations are those of :mod:`models.batched` (one thread per unit and image)::
 
-    V ← V·d;  V ← V + I[t];  s[t] = V ≥ v_th;  V ← 0 or V − v_th on a spike
+    V ← V·d;  V ← V + I[t];  s[t] = V ≥ v_th;  V ← 0 or V − v_th on a spike (the tested v_th)
     count += s;  trace_m ← trace_m·d + s;  trace_p ← trace_p·d_p + s
 
 The array-module loop runs the same recurrence as ~10 element-wise kernels per step, so on a

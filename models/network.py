@@ -9,7 +9,10 @@ Within one step of dt (docs/method.md §2, the contract with ``models/batched.py
    pre-synaptic spikes (no delay), the layer's threshold is tested, and — for the one plastic
    layer — homeostasis counts the spikes, STDP accumulates its updates and the kernel applies
    their per-map average. A spike therefore crosses every layer in the step it is emitted;
-3. ``resets`` slot: every unit that fired is reset.
+3. ``resets`` slot: every unit that fired is reset (to 0, or by subtracting its threshold
+   ``v_th + θ`` as tested in slot 2);
+4. ``end`` slot: homeostasis raises θ of the plastic layer's maps by Δθ per spike of this step,
+   after the reset, so that the reset subtracts the threshold that was tested.
 
 Public entry points: :func:`build_network` (any topology, optional plastic conv layer) and
 :func:`brian2_layer_spikes` (run one spike train through a frozen network and return every
@@ -255,6 +258,8 @@ def build_network(
                                np.repeat(np.arange(layer.n_maps), layer.shape[1] * layer.shape[2]))
             hsyn = synapses.homeostasis_synapses(group, mgroup, layer, f"{name}_homeostasis")
             _schedule(hsyn.pre, base + 2)
+            # theta rises after the reset: a subtract reset removes the tested threshold
+            hsyn.raise_theta.when, hsyn.raise_theta.order = "end", base + 2
             _schedule(syn.post, base + 3)
             avg = synapses.kernel_averaging(kernels[index], mgroup, layer, stdp, "thresholds",
                                             base + 4)

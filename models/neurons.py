@@ -11,10 +11,15 @@ the incoming synapses *after* the decay and *before* the threshold test of the s
 
 .. math::
     V[t] = e^{-dt/\tau_m} V[t-1] + \sum_i w_i s_i[t], \qquad
-    s[t] = [V[t] \ge v_{th} + \theta], \qquad V[t] \leftarrow 0 \;(\text{or } V[t] - v_{th})
+    s[t] = [V[t] \ge v_{th} + \theta], \qquad
+    \text{if } s[t]:\; V[t] \leftarrow 0 \;(\text{or } V[t] - (v_{th} + \theta))
 
 exactly the discrete form of the batched trainer (the schedule is set in
-:mod:`models.network`).
+:mod:`models.network`). A reset by subtraction removes the threshold that was tested,
+:math:`v_{th} + \theta` with :math:`\theta` as it was *before* this step's homeostatic increment
+(the increment below is applied after the reset); :math:`\theta = 0` outside the plastic layer,
+and the trainer's thresholds are the frozen effective ones, so there it is simply
+:math:`V - v_{th}` (reason: ``LIFParameters.reset``).
 
 Feature-map-wise homeostasis [paper, docs/method.md §3.3]: every map m has one threshold offset
 :math:`\theta_m` shared by all its units,
@@ -61,6 +66,8 @@ t_start : second (shared)
 def _reset(lif: LIFParameters, with_theta: bool) -> str:
     if lif.reset == "zero":
         return "v = 0"
+    # theta is still the tested value here: homeostasis raises it later in the step
+    # (models.network schedules the increment in the ``end`` slot, after the resets)
     return "v -= v_th + theta" if with_theta else "v -= v_th"
 
 

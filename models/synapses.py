@@ -140,9 +140,18 @@ def kernel_averaging(kernel: NeuronGroup, maps: NeuronGroup, layer: ConvLayer,
 
 def homeostasis_synapses(units: NeuronGroup, maps: NeuronGroup, layer: ConvLayer,
                          name: str) -> Synapses:
-    """Every spike of map m adds dtheta_spike to theta_m and counts in nspk_m."""
+    """Every spike of map m counts in nspk_m (pathway ``pre``) and adds dtheta_spike to theta_m
+    (pathway ``raise_theta``).
+
+    Two pathways so that they can run at different times of the step: the count is needed by
+    the STDP average within the threshold slot; the increment must come after the units' reset,
+    so that a reset by subtraction removes the threshold that was tested (``v_th + theta``
+    before this step's increment; see ``LIFParameters.reset``). Schedule both (see
+    :func:`models.network.build_network`).
+    """
     positions = layer.shape[1] * layer.shape[2]
-    syn = Synapses(units, maps, on_pre="theta_post += dtheta_spike_post\nnspk_post += 1",
+    syn = Synapses(units, maps, on_pre={"pre": "nspk_post += 1",
+                                        "raise_theta": "theta_post += dtheta_spike_post"},
                    dt=units.clock.dt, name=name)
     syn.connect(i=np.arange(layer.n_maps * positions, dtype=np.int32),
                 j=np.repeat(np.arange(layer.n_maps), positions).astype(np.int32))

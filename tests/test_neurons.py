@@ -7,7 +7,8 @@ import pytest
 from brian2 import ms
 
 from models.network import build_network, brian2_layer_spikes
-from models.parameters import HomeostasisParameters, LIFParameters, ParameterError
+from models.parameters import (HomeostasisParameters, LIFParameters, ParameterError,
+                               STDPParameters)
 
 
 def test_lif_membrane_follows_discrete_recurrence_and_resets():
@@ -40,6 +41,45 @@ def test_reset_by_subtraction_option():
         if v >= 1.0:
             v -= 1.0
     assert out.tolist() == expected
+
+
+def _homeostatic_unit(w, v_th, d, d_theta, delta_theta, steps, subtract):
+    """One LIF unit with its own homeostatic offset, input w at every step (docs/method.md §2-3):
+    returns its spikes when a spike subtracts ``subtract(tested, raised)``."""
+    v = theta = 0.0
+    out = []
+    for _ in range(steps):
+        v = d * v + w
+        theta = d_theta * theta
+        tested = v_th + theta
+        fired = v >= tested
+        if fired:
+            v -= subtract(tested, tested + delta_theta)
+            theta += delta_theta
+        out.append(fired)
+    return out
+
+
+def test_reset_by_subtraction_under_homeostasis_removes_the_tested_threshold():
+    """A plastic unit with homeostasis: a spike subtracts v_th + theta as tested, before this
+    step's increment of theta (LIFParameters.reset). The input w = 0.7 at every step makes the
+    three readings give three different spike trains, so only the tested threshold passes."""
+    lif = LIFParameters(reset="subtract")
+    homeo = HomeostasisParameters(delta_theta=0.3, tau_theta=7 * ms)
+    steps, w, v_th = 30, 0.7, 1.0
+    sn = build_network("1x1-1C1-1FC", {1: np.full((1, 1, 1, 1), w)}, {1: v_th},
+                       input_mode="stimulus", stimulus_steps=steps, plastic_layer=1, up_to=1,
+                       lif=lif, stdp=STDPParameters(eta=0.0), homeostasis=homeo)
+    sn.stimulus.values[:] = 1.0
+    sn.net.run(steps * ms)
+    got = sn.spike_arrays(steps)[1][:, 0, 0, 0].tolist()
+    args = (w, v_th, lif.decay, math.exp(-1 / 7), 0.3, steps)
+    tested = _homeostatic_unit(*args, lambda tested, raised: tested)
+    raised = _homeostatic_unit(*args, lambda tested, raised: raised)
+    base = _homeostatic_unit(*args, lambda tested, raised: v_th)
+    assert sum(tested) == 12 and len({tuple(tested), tuple(raised), tuple(base)}) == 3
+    assert got == tested
+    assert sn.kernel_array(1)[0, 0, 0, 0] == w  # eta = 0: the drive stayed w
 
 
 def test_map_threshold_rises_on_spike_in_that_map_only_and_decays_exponentially():
