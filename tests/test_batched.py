@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from brian2 import second
 from scipy.signal import correlate2d
 
 from models import batched
@@ -63,20 +64,22 @@ def test_lif_below_threshold_never_fires_and_leaks(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reset_by_subtraction_keeps_the_excess(backend):
-    lif = LIFParameters(reset="subtract")
-    w, th = 1.5, 1.0  # input every step: V = 1.5 -> fire, keep 0.5; then 0.5 d + 1.5 ...
+    """Without leak (tau_m = 1e20 s: decay 1.0 exactly) and w = 0.75 at every step, V after t
+    inputs is 0.75 t minus the threshold 1 per spike: subtracting keeps the excess, so the unit
+    has fired floor(0.75 t) times after t steps (15 of 20); reset to zero discards it and the
+    unit fires every 2nd step (10 of 20). All values are multiples of 0.25: exact in float."""
+    T, w, th = 20, 0.75, 1.0
     layers, params = one_unit_net(w, th)
-    T = 20
     x = np.ones((T, 1, 1, 1, 1), dtype=bool)
-    out = forward(layers, params, x, lif, dtype=np.float64, backend=backend)
-    v, expected = 0.0, []
-    for _ in range(T):
-        v = v * lif.decay + w
-        expected.append(v >= th)
-        v = v - th if v >= th else v
-    np.testing.assert_array_equal(out.spikes[1][:, 0, 0, 0, 0], expected)
-    # with reset to zero the unit fires at every step too, but the count differs for w < th
-    assert out.count[1].sum() == sum(expected)
+    t = np.arange(1, T + 1)
+    expected = {"subtract": np.floor(w * t / th) > np.floor(w * (t - 1) / th),
+                "zero": t % 2 == 0}
+    for reset, want in expected.items():
+        lif = LIFParameters(tau_m=1e20 * second, reset=reset)
+        assert lif.decay == 1.0
+        out = forward(layers, params, x, lif, dtype=np.float64, backend=backend)
+        np.testing.assert_array_equal(out.spikes[1][:, 0, 0, 0, 0], want, err_msg=reset)
+        assert out.count[1].sum() == {"subtract": 15, "zero": 10}[reset]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,9 +1,12 @@
 """Config files: unknown keys, wrong types and wrong units are errors naming the key."""
 
+import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import brian2.units
 import pytest
 from brian2 import Hz, Quantity, ms
 
@@ -82,4 +85,32 @@ def test_every_committed_config_loads(path):
     kind = (SweepConfig if path.name.startswith("sweep_") else
             PretrainConfig if path.name.startswith("pretrain_") else StudyConfig)
     cfg = load_config(path, kind)
-    assert isinstance(cfg, kind)
+    # every value the file sets is the value the command gets (none dropped, none left to a
+    # default, units converted): compared with the file read as plain TOML, not through
+    # load_config
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    assert raw, f"{path.name} sets nothing"
+    _assert_values_taken(raw, cfg, path.name)
+
+
+def _file_value(text: str) -> Quantity:
+    """'10 ms' or '1.5 kHz' as a Brian2 quantity (number times a unit named in brian2.units)."""
+    number, unit = text.split()
+    return float(number) * getattr(brian2.units, unit)
+
+
+def _assert_values_taken(raw: dict, cfg, where: str):
+    for key, value in raw.items():
+        got = getattr(cfg, key)
+        if isinstance(value, dict):
+            assert dataclasses.is_dataclass(got), f"{where}: [{key}] is not a table of settings"
+            _assert_values_taken(value, got, f"{where} [{key}]")
+        elif isinstance(got, Quantity):
+            assert got == _file_value(value), f"{where}: {key} = {value!r} loaded as {got!r}"
+        elif isinstance(value, list):
+            assert list(got) == value, f"{where}: {key} = {value!r} loaded as {got!r}"
+        else:
+            assert got == value and type(got) is type(value) or (
+                isinstance(value, int) and type(got) is float and got == value), \
+                f"{where}: {key} = {value!r} loaded as {got!r}"
