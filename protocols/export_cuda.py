@@ -2,9 +2,15 @@ r"""Export a trained network as a brian2cuda (``cuda_standalone``) project (docs
 
 Run (in the brian2cuda environment, ``bash envs/make-cuda-env.sh`` creates ``.venv-cuda``)::
 
-    .venv-cuda/bin/python -m protocols.export_cuda --weights runs/x/final.npz \
-        [--topology 28x28-36C5-2P-10FC] [--n-images 100] [--compile] --out runs/cuda_shallow
+    .venv-cuda/bin/python -m protocols.export_cuda --run runs/x [--weights checkpoint.npz] \
+        [--n-images 100] [--compile] [--compare] --out runs/cuda_shallow
     .venv-cuda/bin/python -m protocols.export_cuda --init lee --plastic --out runs/cuda_stdp
+
+``--run`` takes a trainer's run folder: the network is built with the topology, LIF membrane
+(tau_m, dt, reset), pooling, input rate and tau_p recorded in its ``config.json``, from its
+``final.npz``; weights without that record, or that do not fit it, are refused
+(:func:`protocols.export_genn.read_run`). ``--compare`` adds the trainer's forward pass on the
+same input spikes to the manifest after a run (``trainer_comparison``).
 
 Unlike brian2genn, brian2cuda runs on Brian2 >= 2.9, so the network is the package's own
 :func:`models.network.build_network`: shared kernels as *linked* synaptic variables, the
@@ -38,11 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.parameters import LIFParameters
 from models.topology import ConvLayer
-from protocols.export_genn import (ExportError, Presentation, _duration, _tau_p_steps,
-                                   add_common_arguments, draw_presentation, load_params,
-                                   score, slot_counts)
+from protocols.export_genn import (ExportError, Presentation, RunRecord, _duration,
+                                   add_common_arguments, compare_with_trainer, draw_presentation,
+                                   record_and_params, score, slot_counts)
 
 
 def gpu_available() -> bool:
@@ -169,11 +174,16 @@ def stacked_input(presentation: Presentation) -> np.ndarray:
     return s.reshape(-1, *s.shape[2:])
 
 
-def export(topology: str, layers, params, presentation: Presentation, out, *,
+def export(record: RunRecord, layers, params, presentation: Presentation, out, *,
            plastic: bool = False, compile: bool = False, run: bool | None = None,
-           compute_capability: float = 8.0, lif=LIFParameters(), source: str = "",
-           seed: int = 0) -> dict:
-    """Write (and optionally compile / run) the brian2cuda project; return its manifest."""
+           compute_capability: float = 8.0, source: str = "", seed: int = 0,
+           compare: bool = False) -> dict:
+    """Write (and optionally compile / run) the brian2cuda project; return its manifest.
+
+    ``record``: the run's parameters (:func:`protocols.export_genn.read_run`, or
+    ``default_record`` for a fresh initialisation); ``compare``: after a run, add the trainer's
+    forward pass on the same spikes (``trainer_comparison``).
+    """
     import brian2
     import brian2cuda  # noqa: F401  (registers 'cuda_standalone')
     from brian2 import NeuronGroup, defaultclock, device, second
@@ -191,6 +201,7 @@ def export(topology: str, layers, params, presentation: Presentation, out, *,
         run = gpu
     if run and not gpu:
         raise ExportError("running a cuda_standalone project needs a GPU (nvidia-smi lists none)")
+    topology, lif, pool = record.topology, record.lif, record.pool
     use_device("cuda_standalone", directory=str(out))
     configure(out, compute_capability, gpu)
     weights = [p.weights if p is not None else None for p in params]
@@ -201,11 +212,11 @@ def export(topology: str, layers, params, presentation: Presentation, out, *,
             raise ExportError("--plastic needs a conv layer after the input")
         sn = build_network(topology, weights, thresholds, input_mode="stimulus",
                            stimulus_steps=steps, presentation=presentation.steps * lif.dt,
-                           plastic_layer=1, up_to=1, lif=lif, monitor=[1])
+                           plastic_layer=1, up_to=1, lif=lif, pool=pool, monitor=[1])
     else:
         sn = build_network(topology, weights, thresholds,
                            input_spikes=stacked_input(presentation),
-                           presentation=presentation.steps * lif.dt, lif=lif,
+                           presentation=presentation.steps * lif.dt, lif=lif, pool=pool,
                            monitor=[len(layers) - 1])
     # brian2cuda 1.0b1's synapse kernels read `defaultclock.timestep` even when no object uses
     # defaultclock (build_network gives every group a clock of lif.dt): anchor one on it
@@ -225,6 +236,10 @@ def export(topology: str, layers, params, presentation: Presentation, out, *,
     manifest = {
         "topology": topology, "source": source, "seed": seed, "plastic": plastic,
         "dt_s": float(lif.dt / second),
+        "tau_m_s": float(lif.tau_m / second),
+        "reset": lif.reset,
+        "tau_p_steps": record.tau_p_steps,
+        "record": record.describe(),
         "layers": [{"name": g.name, "kind": layer.kind, "shape": list(layer.shape)}
                    for g, layer in zip(sn.groups, sn.layers)],
         "timeline": {"n_images": presentation.n_images,
@@ -248,8 +263,12 @@ def export(topology: str, layers, params, presentation: Presentation, out, *,
         st = np.rint(np.asarray(mon.t[:] / lif.dt)).astype(np.int64)
         counts, trace = slot_counts(np.asarray(mon.i[:]), st, int(np.prod(layers[-1].shape)),
                                     presentation.steps, 0, presentation.n_images, 0,
-                                    _tau_p_steps(lif))
-        manifest["result"] = score(counts, trace, presentation.labels)
+                                    record.tau_p_steps)
+        manifest["result"] = {**score(counts, trace, presentation.labels),
+                              "counts": counts.tolist()}
+        if compare:
+            manifest["trainer_comparison"] = compare_with_trainer(
+                counts, trace, layers, params, presentation, record)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -268,29 +287,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.out:
         parser.error("--out is required (the project directory to write)")
-    if args.weights is None and args.init is None:
-        parser.error("give --weights FILE or --init lee|glorot")
     try:
-        import brian2cuda  # noqa: F401
-    except ImportError:
-        parser.error("brian2cuda is not importable in this environment; run "
-                     "`bash envs/make-cuda-env.sh` and use .venv-cuda/bin/python")
-    layers, params = load_params(args.topology, args.weights, args.init, args.seed)
-    pres = draw_presentation(args.dataset, args.n_images, _duration(args.duration), args.seed,
-                             0, split=args.split, first=args.first_image,
-                             channels=layers[0].shape[0])
-    t0 = time.perf_counter()
-    manifest = export(args.topology, layers, params, pres, args.out, plastic=args.plastic,
-                      compile=args.compile, run=False if args.no_run else None,
-                      compute_capability=args.compute_capability,
-                      source=args.weights or f"init={args.init} seed={args.seed}",
-                      seed=args.seed)
+        record, layers, params, source = record_and_params(args)
+        try:
+            import brian2cuda  # noqa: F401
+        except ImportError:
+            raise ExportError("brian2cuda is not importable in this environment: run "
+                              "`bash envs/make-cuda-env.sh` and use .venv-cuda/bin/python"
+                              ) from None
+        pres = draw_presentation(args.dataset, args.n_images, _duration(args.duration),
+                                 args.seed, 0, split=args.split, first=args.first_image,
+                                 max_rate=record.input.max_rate, lif=record.lif,
+                                 channels=layers[0].shape[0])
+        t0 = time.perf_counter()
+        manifest = export(record, layers, params, pres, args.out, plastic=args.plastic,
+                          compile=args.compile, run=False if args.no_run else None,
+                          compute_capability=args.compute_capability, source=source,
+                          seed=args.seed, compare=args.compare)
+    except ExportError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     summary = {k: manifest[k] for k in ("layers", "timeline", "compiled", "ran",
                                         "atomic_writes")}
     summary["project"] = str(Path(args.out).resolve())
     summary["export_wall_s"] = round(time.perf_counter() - t0, 2)
     if "result" in manifest:
         summary["accuracy"] = manifest["result"]["accuracy"]
+    if "trainer_comparison" in manifest:
+        summary["trainer_comparison"] = {k: v for k, v in manifest["trainer_comparison"].items()
+                                         if k != "trainer_predictions"}
     print(json.dumps(summary, indent=1))
     if not manifest["ran"]:
         print(f"\nNo GPU here: {'compiled' if manifest['compiled'] else 'generated'} only. "
