@@ -11,6 +11,8 @@ from models.topology import parse_topology
 from protocols.bp import backward, tau_steps
 from protocols.encoding import poisson_spikes
 
+pytestmark = pytest.mark.gpu
+
 
 def _cupy():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")

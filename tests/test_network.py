@@ -96,7 +96,8 @@ def test_trainer_equals_brian2_under_reset_by_subtraction():
     rng = np.random.default_rng(3)
     layers = parse_topology(topology)
     # moderate drive: membranes cross their thresholds by a fraction, so the excess matters
-    weights = {1: rng.uniform(-0.2, 0.3, (2, 1, 5, 5)), 3: rng.uniform(-0.2, 0.8, (3, layers[3].fan_in))}
+    weights = {1: rng.uniform(-0.2, 0.3, (2, 1, 5, 5)),
+               3: rng.uniform(-0.2, 0.8, (3, layers[3].fan_in))}
     thresholds = {1: rng.uniform(1.0, 1.6, 2), 3: rng.uniform(0.5, 1.0, 3)}
     params = [LayerParams(weights[i], thresholds[i]) if i in weights else None
               for i in range(len(layers))]

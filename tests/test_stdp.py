@@ -99,6 +99,8 @@ def test_kernels_stay_exactly_shared_after_learning():
         assert all(np.array_equal(rows[0], r) for r in rows)
 
 
+@pytest.mark.slow  # one C++ build: 1-3 min on 2 cores
+@pytest.mark.standalone
 def test_cpp_standalone_builds_once_and_reruns_with_new_inputs_and_weights(tmp_path):
     """One compile; two runs with different run_args match two runtime runs exactly."""
     stdp = STDPParameters(eta=0.1)

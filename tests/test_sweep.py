@@ -70,6 +70,7 @@ def _sweep(config: Path) -> subprocess.Popen:
                             text=True)
 
 
+@pytest.mark.slow  # a Dask cluster trains 4 tiny runs twice: ~4 min on 2 cores
 def test_killed_worker_and_rerun(tmp_path):
     config = _write(tmp_path)
     runs = [Path(c.out) for c in plan(load_config(config, SweepConfig))]

@@ -86,6 +86,7 @@ def _final(run_dir):
     return frame, weights
 
 
+@pytest.mark.slow  # three training processes: ~2 min on 2 cores
 def test_sigkill_and_restart_gives_identical_metrics(tmp_path):
     cfg_a = write_config(tmp_path, "a.toml", out=str(tmp_path / "a"))
     cfg_b = write_config(tmp_path, "b.toml", out=str(tmp_path / "b"))
@@ -125,6 +126,7 @@ def test_sigkill_and_restart_gives_identical_metrics(tmp_path):
     assert json.loads((tmp_path / "a" / "status.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow  # ~35 s on 2 cores
 def test_in_process_resume_matches_uninterrupted(tmp_path):
     from protocols.datasets import load_dataset
 
