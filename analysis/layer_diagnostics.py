@@ -34,7 +34,7 @@ def layer_columns(table: pd.DataFrame, quantity: str) -> list[str]:
 
 
 def diagnostics_figure(table: pd.DataFrame, group: str = "arm"):
-    """One panel per quantity; a line per run and layer (colour: layer, style: ``group``)."""
+    """One panel per quantity; a line per run and layer (colour: ``group``, style: layer)."""
     import matplotlib.pyplot as plt
 
     present = [(q, layer_columns(table, q)) for q in QUANTITIES]
@@ -45,28 +45,31 @@ def diagnostics_figure(table: pd.DataFrame, group: str = "arm"):
     ncols = min(3, len(present))
     nrows = -(-len(present) // ncols)
     figure, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
-    layers = sorted({c.split("_", 1)[0] for _, cols in present for c in cols})
-    colours = dict(zip(layers, plt.get_cmap("tab10").colors))
-    styles = dict(zip(sorted(table[group].astype(str).unique()), ["-", "--", ":", "-."] * 4))
+    layers = sorted({c.split("_", 1)[0] for _, cols in present for c in cols},
+                    key=lambda name: (name.rstrip("0123456789") != "conv",
+                                      name.rstrip("0123456789") != "pool", name))
+    styles = dict(zip(layers, ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))] * 2))
+    keys = sorted(table[group].astype(str).unique())
+    colours = dict(zip(keys, list(plt.get_cmap("tab10").colors) * 3))
     for ax, (quantity, cols) in zip(axes.flat, present):
         label, log = QUANTITIES[quantity]
         for (run, key), runs in table.groupby(["run", group], sort=True):
             runs = runs.sort_values("iteration")
             for col in cols:
-                layer = col.split("_", 1)[0]
-                ax.plot(runs["iteration"], runs[col], styles[str(key)], lw=1,
-                        color=colours.get(layer, "grey"), alpha=0.8)
+                ax.plot(runs["iteration"], runs[col], ls=styles[col.split("_", 1)[0]], lw=1.2,
+                        color=colours[str(key)], alpha=0.85)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=c, label=layer) for layer, c in colours.items()]
-    handles += [plt.Line2D([], [], color="black", ls=s, label=str(k)) for k, s in styles.items()]
-    figure.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False,
-                  bbox_to_anchor=(0.5, 1.02))
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], color=c, label=k) for k, c in colours.items()]
+    handles += [plt.Line2D([], [], color="black", ls=s, label=layer)
+                for layer, s in styles.items()]
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6),
+                  frameon=False, bbox_to_anchor=(0.5, 1.0 + 0.04 * (len(handles) > 6)))
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
     return figure
 
 

@@ -108,3 +108,23 @@ def test_metrics_of_older_runs_without_diagnostics_load():
                            {"iteration": 100, "test_error": 0.1, "fc1_spikes": 3.0}])
     assert list(frame.columns[-1:]) == ["fc1_spikes"]
     assert np.isnan(frame["fc1_spikes"].iloc[0])
+
+
+def test_diagnostics_table_averages_runs_per_group_at_the_chosen_iterations():
+    import pandas as pd
+
+    from analysis.layer_diagnostics import diagnostics_table, layer_columns
+
+    table = pd.DataFrame({
+        "run": ["a", "a", "b", "b", "c", "c"], "arm": ["p", "p", "p", "p", "s", "s"],
+        "iteration": [0, 100] * 3,
+        "conv1_rel_step": [None, 0.1, None, 0.3, None, 0.5],
+        "conv1_map_mean": [0.0, 0.2, 0.0, 0.4, 0.0, 0.6],
+        "conv1_map_mean_sd": [1.0] * 6, "test_error": [0.5] * 6})
+    assert layer_columns(table, "map_mean") == ["conv1_map_mean"]
+    assert layer_columns(table, "spikes") == []
+    out = diagnostics_table(table, [100], ["arm"]).set_index("arm")
+    assert out.loc["p", "conv1_rel_step"] == pytest.approx(0.2)
+    assert out.loc["p", "conv1_map_mean"] == pytest.approx(0.3)
+    assert out.loc["s", "conv1_rel_step"] == pytest.approx(0.5)
+    assert "conv1_map_mean_sd" not in out.columns and "test_error" not in out.columns
