@@ -1,13 +1,13 @@
 """Where Brian2 runs the network: the device is an option, the model code does not fork per device.
 
-=================  ==========================================================================
-``runtime``        Brian2's runtime mode with Cython code generation (the default).
-``cpp_standalone`` one C++ program; built once, re-run on new images and weights with
-                   ``device.run(run_args=...)`` (:class:`StandaloneProgram`), never recompiled.
-``genn``           brian2genn (GPU through GeNN); lives in its own environment (docs/gpu.md) and
-                   cannot express shared kernels or TimedArray input.
-``cuda_standalone`` brian2cuda; generates and compiles CUDA code, needs a GPU to run.
-=================  ==========================================================================
+===================  ==========================================================================
+``runtime``          Brian2's runtime mode with Cython code generation (the default).
+``cpp_standalone``   one C++ program; built once, re-run on new images and weights with
+                     ``device.run(run_args=...)`` (:class:`StandaloneProgram`), never recompiled.
+``genn``             brian2genn (GPU through GeNN); lives in its own environment (docs/gpu.md) and
+                     cannot express shared kernels or TimedArray input.
+``cuda_standalone``  brian2cuda; generates and compiles CUDA code, needs a GPU to run.
+===================  ==========================================================================
 """
 
 from __future__ import annotations
