@@ -1,6 +1,8 @@
 """Config files: unknown keys, wrong types and wrong units are errors naming the key."""
 
 import dataclasses
+import importlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,15 +77,22 @@ def _committed_configs():
     return sorted(root.rglob("*.toml"))
 
 
+#: command → (module, config dataclass) of every command that reads a TOML config
+COMMANDS = {"sweep": ("protocols.sweep", "SweepConfig"),
+            "study": ("protocols.study", "StudyConfig"),
+            "pretrain": ("protocols.pretrain", "PretrainConfig"),
+            "normad": ("protocols.normad", "NormADRunConfig")}
+
+
 @pytest.mark.parametrize("path", _committed_configs(), ids=lambda p: p.name)
 def test_every_committed_config_loads(path):
-    """Each config under configs/ validates against the dataclass of the command it names."""
-    from protocols.pretrain import PretrainConfig
-    from protocols.study import StudyConfig
-    from protocols.sweep import SweepConfig
-
-    kind = (SweepConfig if path.name.startswith("sweep_") else
-            PretrainConfig if path.name.startswith("pretrain_") else StudyConfig)
+    """Each config under configs/ validates against the dataclass of the command it names (its
+    ``python -m protocols.<command>`` line, else its file name's first word)."""
+    named = re.search(r"python -m protocols\.(\w+)", path.read_text())
+    command = named.group(1) if named else path.name.split("_")[0]
+    assert command in COMMANDS, f"{path.name} names no command of {sorted(COMMANDS)}"
+    module, schema = COMMANDS[command]
+    kind = getattr(importlib.import_module(module), schema)
     cfg = load_config(path, kind)
     # every value the file sets is the value the command gets (none dropped, none left to a
     # default, units converted): compared with the file read as plain TOML, not through
