@@ -4,7 +4,8 @@ Each sub-folder of ROOT is one variant's sweep (``configs/ablation/<variant>.tom
 ``runs/ablation/<variant>/``). Writes, under ``--out``: ``ablation.{csv,md}`` (per variant and arm:
 seeds, test error at the ``--at`` iterations and its best, train error at the last, conv1's
 relative kernel change, the per-layer relative steps and their ratio, conv1 spikes per image),
-``per_run.{csv,md}`` (the same per run), ``error_curves.{png,svg}`` (test error per variant, one
+``per_run.{csv,md}`` (the same per run; the summary leaves out, and names, runs that
+stopped before the largest ``--at``: diverged or unfinished), ``error_curves.{png,svg}`` (test error per variant, one
 panel per arm), ``diagnostics.{png,svg}`` (:mod:`analysis.layer_diagnostics`, one line style
 per variant) and ``kernels_<variant>_<arm>.{png,svg}`` (conv1 kernels of the lowest seed).
 
@@ -44,7 +45,8 @@ def per_run(table: pd.DataFrame, root: Path, at: list[int]) -> pd.DataFrame:
     for (variant, arm, seed, run), runs in table.groupby(["variant", "arm", "seed", "run"]):
         runs = runs.sort_values("iteration").set_index("iteration")
         last = runs.iloc[-1]
-        row = {"variant": variant, "arm": arm, "seed": seed, "iterations": int(runs.index[-1])}
+        row = {"variant": variant, "arm": arm, "seed": seed, "status": last.get("status", ""),
+               "iterations": int(runs.index[-1])}
         for i in at:
             row[f"test_{i}"] = runs["test_error"].get(i, np.nan)
         row["best_test"] = runs["test_error"].min()
@@ -60,7 +62,7 @@ def per_run(table: pd.DataFrame, root: Path, at: list[int]) -> pd.DataFrame:
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds per variant and arm (with the seed count)."""
-    value_cols = [c for c in runs.columns if c not in ("variant", "arm", "seed")]
+    value_cols = [c for c in runs.columns if c not in ("variant", "arm", "seed", "status")]
     grouped = runs.groupby(["variant", "arm"], sort=True)
     out = grouped[value_cols].mean()
     out.insert(0, "seeds", grouped.size())
@@ -116,7 +118,11 @@ def main(argv=None) -> int:
         return 2
     runs = per_run(table, args.root, args.at)
     write(runs, args.out, "per_run")
-    write(summary(runs), args.out, "ablation")
+    short = runs["iterations"] < max(args.at)
+    for _, r in runs[short].iterrows():
+        print(f"left out of the summary (reached {r.iterations} of {max(args.at)} iterations): "
+              f"{r.variant} {r.arm} seed {r.seed}")
+    write(summary(runs[~short]), args.out, "ablation")
     figures.save(error_figure(table), args.out / "error_curves")
     figures.save(diagnostics_figure(table, group="variant"), args.out / "diagnostics")
     for (variant, arm), group in table.groupby(["variant", "arm"]):
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
                 figures.save(kernel_grid(kernels, title=f"{variant} · {arm} · conv1"),
                              args.out / f"kernels_{variant}_{arm}")
                 break
-    print(summary(runs).to_markdown(index=False, floatfmt=".4g"))
+    print(summary(runs[~short]).to_markdown(index=False, floatfmt=".4g"))
     print(f"\nwrote tables and figures to {args.out}")
     return 0
 
