@@ -601,8 +601,8 @@ def export(record: RunRecord, params, layers, presentation: Presentation,
     """Write the brian2genn project into ``out``; build and run it when GeNN is found.
 
     ``record``: the run's parameters (:func:`read_run`, or :func:`default_record` for a fresh
-    initialisation). ``build``: None = when GeNN is found; True = required (error without
-    GeNN); False = never. ``compare``: after a run, add ``trainer_comparison``
+    initialisation). ``build``: None = when GeNN is found (and, for the CUDA backend, a
+    GPU); True = required (an error without them); False = never. ``compare``: after a run, add ``trainer_comparison``
     (:func:`compare_with_trainer`). Returns the manifest (plus ``result`` when it ran).
     """
     import brian2
@@ -617,8 +617,17 @@ def export(record: RunRecord, params, layers, presentation: Presentation,
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     root = genn_path() if build is not False else None
-    if build is None:
-        build = root is not None
+    gpu = None
+    if use_gpu and build is not False:
+        from protocols.export_cuda import gpu_available
+
+        gpu = gpu_available()
+    if build is None:  # build when it can also run: GeNN found, and a GPU for the CUDA backend
+        build = root is not None and (not use_gpu or gpu)
+    if build and use_gpu and not gpu:
+        raise ExportError("running GeNN's CUDA backend needs a GPU and nvidia-smi lists none: "
+                          "build for GeNN's CPU backend with --cpu-only, or generate only with "
+                          "--no-build")
     if build and root is None:
         raise ExportError(f"building needs GeNN 4.x and none was found (no GENN_PATH, no "
                           f"{os.path.join(sys.prefix, 'genn')}, no genn-buildmodel.sh on PATH): "
@@ -805,7 +814,8 @@ def main(argv=None) -> int:
                      help="generate for GeNN's single-threaded CPU backend")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--build", action="store_true",
-                     help="build and run with GeNN, an error without one (default: when found)")
+                     help="build and run with GeNN, an error without one (default: when GeNN "
+                          "is found and, without --cpu-only, a GPU)")
     how.add_argument("--no-build", action="store_true",
                      help="only generate, even when GeNN is found")
     how.add_argument("--emulate", action="store_true",
@@ -862,9 +872,13 @@ def main(argv=None) -> int:
                                          if k != "trainer_predictions"}
     print(json.dumps(summary, indent=1))
     if not manifest["built"] and not manifest.get("emulated"):
-        why = ("--no-build" if args.no_build else
-               "GeNN not found: no GENN_PATH, no GeNN in this environment, no genn-buildmodel.sh "
-               "on PATH")
+        if args.no_build:
+            why = "--no-build"
+        elif genn_path() is None:
+            why = ("GeNN not found: no GENN_PATH, no GeNN in this environment, no "
+                   "genn-buildmodel.sh on PATH")
+        else:
+            why = "no GPU here for GeNN's CUDA backend; --cpu-only builds for its CPU backend"
         print(f"\nCode generated only ({why}). To build and run it:\n")
         print((out / "BUILD.txt").read_text())
     return 0

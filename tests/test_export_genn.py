@@ -433,6 +433,13 @@ def test_missing_genn_is_a_one_line_error(tmp_path):
     env["GENN_PATH"] = str(tmp_path)
     err = one_line_error(export_cli(GENN_PYTHON, *args, env=env))
     assert f"GENN_PATH={tmp_path} has no bin/genn-buildmodel.sh" in err
+    from protocols.export_cuda import gpu_available
+
+    if not gpu_available():  # --build for the CUDA backend on a machine without a GPU
+        del env["GENN_PATH"]
+        err = one_line_error(export_cli(GENN_PYTHON, *[a for a in args if a != "--cpu-only"],
+                                        env=env))
+        assert "CUDA backend needs a GPU" in err and "--cpu-only" in err
 
 
 @pytest.mark.genn
