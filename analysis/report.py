@@ -5,19 +5,23 @@ Run::
     python -m analysis.report RUNS_ROOT --out results/ [--threshold 0.02]
         [--at 600 1200 3000] [--nll-window 2000 3000]
 
-writes, under ``--out``: ``error_curves.{png,svg}`` (test error vs iteration per seed and arm,
-log axes, with each run's first crossing of the threshold), ``nll.{png,svg}`` (test vs train
+writes, under ``--out``: ``error_curves.{png,svg}`` (test error vs iteration as Fig. 4/5: a
+linear iteration axis from 0, ``--log-x`` for a log one; every seed, each arm's mean ± 95 % CI,
+each run's first crossing of the threshold), ``nll.{png,svg}`` (test vs train
 NLL), ``kernels_<arm>.{png,svg}`` (first-layer kernels at the end of one run per arm, Fig. 6),
 and the tables ``iterations_to_threshold`` (per run), ``threshold_summary`` (per arm: runs that
 reach the threshold, mean ± std of their iterations), ``error_summary`` (mean, std, bootstrap
 95 % CI),
 ``variance_test`` (Brown–Forsythe) and ``final_costs`` (NLL averaged over a window), each as
-CSV and Markdown.
+CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
+step, spikes, silent and saturated fractions, kernel means over iterations) and the table of
+their means at the ``--at`` iterations.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,10 @@ import pandas as pd
 
 from analysis import figures, stats
 from analysis.kernels import kernel_grid
-from analysis.runs import load_runs
+from analysis.layer_diagnostics import (QUANTITIES, diagnostics_figure, diagnostics_table,
+                                       layer_columns)
+from analysis.runs import RunsError, collect_runs
+from protocols.records import NpzError, load_npz
 
 
 def write_table(table: pd.DataFrame, out: Path, name: str) -> None:
@@ -42,10 +49,14 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
         final = root / run / "final.npz"
         if not final.exists():
             continue
-        with np.load(final, allow_pickle=False) as arrays:
-            if "conv1_kernels" not in arrays.files:
-                continue
-            kernels = arrays["conv1_kernels"]
+        try:
+            arrays = load_npz(final)
+        except NpzError as err:  # one unreadable file does not stop the report
+            print(f"kernel figure of {arm} left out: {err}", file=sys.stderr)
+            continue
+        if "conv1_kernels" not in arrays:
+            continue
+        kernels = arrays["conv1_kernels"]
         seed = int(runs.sort_values("seed")["seed"].iloc[0])
         figure = kernel_grid(kernels, title=f"{topology} · {arm} · seed {seed}: conv1 kernels")
         written += figures.save(figure, out / f"kernels_{arm}")
@@ -53,8 +64,12 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
 
 
 def report(root: Path, out: Path, threshold: float, at: list[int],
-           nll_window: tuple[int, int] | None) -> dict[str, pd.DataFrame]:
-    table = load_runs(root)
+           nll_window: tuple[int, int] | None, include_unfinished: bool = False,
+           log_x: bool = False) -> dict[str, pd.DataFrame]:
+    """The tables (written with the figures under ``out``); ``left_out`` lists the run folders
+    not reported and why (see analysis.runs.collect_runs)."""
+    table, left_out = collect_runs(root, include_unfinished)
+    left_out.attrs["truncated_at"] = table.attrs.get("truncated_at")
     last = int(table["iteration"].max())
     window = nll_window or (int(0.8 * last), last)
     crossings = stats.iterations_to_threshold(table, threshold)
@@ -64,17 +79,23 @@ def report(root: Path, out: Path, threshold: float, at: list[int],
         "error_summary": stats.error_summary(table, at),
         "variance_test": pd.concat([stats.variance_test(table, i) for i in at], ignore_index=True),
         "final_costs": stats.final_costs(table, window),
+        "left_out": left_out,
     }
     for name, frame in tables.items():
         write_table(frame, out, name)
-    figures.save(figures.error_curves(table, threshold), out / "error_curves")
+    figures.save(figures.error_curves(table, threshold, log_x=log_x), out / "error_curves")
     figures.save(figures.nll_trajectories(table), out / "nll")
+    if any(layer_columns(table, q) for q in QUANTITIES):  # runs made with the diagnostics
+        tables["layer_diagnostics"] = diagnostics_table(table, at, ["topology", "init", "arm"])
+        write_table(tables["layer_diagnostics"], out, "layer_diagnostics")
+        figures.save(diagnostics_figure(table), out / "layer_diagnostics")
     kernel_figures(table, root, out)
     return tables
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.report",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder holding run directories")
     parser.add_argument("--out", type=Path, required=True, help="folder for figures and tables")
     parser.add_argument("--threshold", type=float, default=0.02,
@@ -83,12 +104,32 @@ def main(argv=None) -> int:
                         help="iterations at which to summarise the error across seeds")
     parser.add_argument("--nll-window", type=int, nargs=2, metavar=("FROM", "TO"),
                         help="iterations to average final NLL over (default: last 20 %%)")
+    parser.add_argument("--include-unfinished", action="store_true",
+                        help="also report unfinished runs (interrupted, failed, running), every "
+                             "run cut at the last iteration all of them reached; diverged and "
+                             "unreadable runs are always left out")
+    parser.add_argument("--log-x", action="store_true",
+                        help="logarithmic iteration axis in error_curves (default: linear, "
+                             "as the paper's Fig. 4/5, from iteration 0)")
     args = parser.parse_args(argv)
-    tables = report(args.root, args.out, args.threshold, args.at,
-                    tuple(args.nll_window) if args.nll_window else None)
+    try:
+        tables = report(args.root, args.out, args.threshold, args.at,
+                        tuple(args.nll_window) if args.nll_window else None,
+                        args.include_unfinished, args.log_x)
+    except RunsError as err:
+        print(f"report error: {err}", file=sys.stderr)
+        return 2
     for name, frame in tables.items():
         print(f"\n## {name}\n")
         print(frame.to_markdown(index=False, floatfmt=".4g"))
+    left = tables["left_out"]
+    if len(left):
+        print(f"\nleft out {len(left)} run folder(s) (also in left_out.csv):", file=sys.stderr)
+        for row in left.itertuples():
+            print(f"  {row.status}: {row.run}: {row.reason}", file=sys.stderr)
+    truncated = left.attrs.get("truncated_at")
+    if args.include_unfinished:
+        print(f"\nevery run cut at iteration {truncated}", file=sys.stderr)
     print(f"\nwrote figures and tables to {args.out}")
     return 0
 

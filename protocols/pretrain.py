@@ -1,4 +1,4 @@
-"""Greedy layer-wise STDP pre-training of the conv layers (SPEC §3), as the paper's methods read.
+"""Greedy layer-wise STDP pre-training of the conv layers (docs/method.md §3.4), as the paper's methods read.
 
 1. Present N training images for 25 ms each (dt = 1 ms) as Poisson spike trains and train conv
    layer 1 with weight-dependent STDP on shared kernels (updates of a map's positions that fire
@@ -15,7 +15,11 @@ Run::
 Output (``--out``): ``pretrained.npz`` with ``conv{i}_kernels`` (n_maps, C_in, k, k),
 ``conv{i}_thresholds`` (n_maps,) effective thresholds to carry into fine-tuning,
 ``conv{i}_theta``, ``conv{i}_v_th_base``, ``image_indices``; and ``pretrained.json`` with the
-config, seed, versions, firing statistics and timings. Both written atomically, no pickle.
+config, seed, versions, firing statistics and timings. Both written atomically, no pickle, and only
+when every layer's pre-training ran to its end: each Brian2 run is checked to have simulated its
+full duration, and Ctrl-C stops with a message and exit status 130, writing nothing (pre-training
+has no checkpoint; the same command starts it again). Configuration, data and output-folder
+errors are one line naming the file and the fix, exit status 2, before any simulation starts.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from models.parameters import (HomeostasisParameters, LIFParameters, PoolingPara
 from models.topology import SHALLOW, ConvLayer, parse_topology
 from protocols.config import ConfigError, config_to_dict, load_config
 from protocols.records import atomic_savez, atomic_write_bytes, load_npz, versions
+from protocols.runstate import RunInterrupted, check_writable, cli, run_guard, say
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,32 @@ class PretrainConfig:
     homeostasis: HomeostasisParameters = field(default_factory=HomeostasisParameters)
     lif: LIFParameters = field(default_factory=LIFParameters)
     pooling: PoolingParameters = field(default_factory=PoolingParameters)
+
+    def __post_init__(self):
+        from protocols.datasets import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset = {self.dataset!r} is not one of {', '.join(DATASETS)}")
+
+
+class SimulationIncomplete(RuntimeError):
+    """A Brian2 run that stopped before the end of its duration (not by Ctrl-C)."""
+
+
+def _check_full_run(sn, program, t_before: float, duration, index: int, start: int) -> None:
+    """Raise KeyboardInterrupt when Brian2 turned a Ctrl-C into a stop, SimulationIncomplete when
+    the run simulated less than ``duration`` for another reason."""
+    from brian2 import Network, get_device, second
+
+    if Network._globally_stopped:
+        raise KeyboardInterrupt
+    if program is not None:
+        fraction = float(getattr(get_device(), "_last_run_completed_fraction", 1.0))
+    else:
+        fraction = (float(sn.net.t / second) - t_before) / float(duration / second)
+    if abs(fraction - 1.0) > 1e-6:
+        raise SimulationIncomplete(f"layer {index}: the Brian2 run of the batch from image "
+                                   f"{start} simulated {fraction:.1%} of its {duration}")
 
 
 def load_pretrained(path: str | os.PathLike) -> dict:
@@ -106,8 +137,11 @@ def pretrain_layer(
     from models.devices import StandaloneProgram, is_standalone, use_device
     from models.network import build_network
 
+    from models.batched import layer_names
+
     layers = parse_topology(topology)
     layer = layers[index]
+    name = layer_names(layers)[index]
     p = cfg.pretraining
     lif = cfg.lif
     steps = int(round(float(p.presentation / lif.dt)))
@@ -134,39 +168,79 @@ def pretrain_layer(
     t0 = time.perf_counter()
     program = None
     if is_standalone():
+        say(f"building the Brian2 program of layer {name} on {cfg.device} once (C++ "
+            f"compilation: about 30-90 s; re-run per batch without recompiling)")
         program = StandaloneProgram(sn.net, duration)
-        program.build()
+        try:
+            program.build()
+        except KeyboardInterrupt:
+            raise RunInterrupted(
+                f"building the Brian2 program of layer {name} interrupted; nothing was written: "
+                f"rerun the same command to pre-train") from None
+    else:
+        say(f"preparing layer {name} on the runtime device (Cython code is compiled on the "
+            f"first run and cached: up to a minute the first time)")
     build_s = time.perf_counter() - t0
     kernel_group = sn.kernels[index]
     maps = sn.maps[index]
     spikes_per_image = []
     t0 = time.perf_counter()
+    say(f"pre-training layer {name} with STDP on {len(images)} images ({batch} per Brian2 run)")
     bar = tqdm(total=len(images), desc=f"STDP layer {index}", unit="img", disable=not progress)
-    for start in range(0, len(images), batch):
-        table = stimulus_table(images[start:start + batch], steps, rng, p.max_rate)
-        if program is not None:
-            program.run({sn.stimulus: table, kernel_group.k: kernels.ravel(),
-                         maps.theta: theta})
-        else:
-            sn.stimulus.values[:] = table
-            sn.groups[0].t_start = sn.net.t
-            sn.net.run(duration)
-        kernels = np.asarray(kernel_group.k[:]).reshape(kernels.shape).copy()
-        theta = np.asarray(maps.theta[:]).copy()
-        mon = sn.monitors[index]
-        # standalone runs start at t = 0; the runtime clock continues across batches
-        offset = 0 if program is not None else start * steps
-        step = np.rint(np.asarray(mon.t_[:]) / float(lif.dt / second)).astype(np.int64) - offset
-        img = step[(step >= 0) & (step < batch * steps)] // steps
-        spikes_per_image.extend(np.bincount(img, minlength=batch).tolist())
-        bar.update(batch)
-        if not np.all(np.isfinite(kernels)):
-            raise FloatingPointError(f"layer {index}: kernels became non-finite; lower stdp.eta")
+    try:
+        for start in range(0, len(images), batch):
+            _pretrain_batch(sn, program, kernel_group, maps, images, start, batch, steps, rng,
+                            p, kernels, theta, duration, index)
+            kernels = np.asarray(kernel_group.k[:]).reshape(kernels.shape).copy()
+            theta = np.asarray(maps.theta[:]).copy()
+            mon = sn.monitors[index]
+            # standalone runs start at t = 0; the runtime clock continues across batches
+            offset = 0 if program is not None else start * steps
+            step = np.rint(np.asarray(mon.t_[:]) / float(lif.dt / second)).astype(np.int64) - offset
+            img = step[(step >= 0) & (step < batch * steps)] // steps
+            spikes_per_image.extend(np.bincount(img, minlength=batch).tolist())
+            bar.update(batch)
+            if not np.all(np.isfinite(kernels)):
+                raise FloatingPointError(f"layer {index}: kernels became non-finite; lower stdp.eta")
+    except KeyboardInterrupt:
+        bar.close()
+        raise RunInterrupted(
+            f"STDP pre-training of layer {name} interrupted after {len(spikes_per_image)} of "
+            f"{len(images)} images; nothing of it was written (pre-training has no checkpoint): "
+            f"rerun the same command to pre-train again") from None
     bar.close()
     run_s = time.perf_counter() - t0
     return {"kernels": kernels, "v_th_base": np.full(layer.n_maps, v_th), "theta": theta,
             "thresholds": v_th + theta, "spikes_per_image": np.asarray(spikes_per_image),
             "build_s": build_s, "run_s": run_s}
+
+
+def _pretrain_batch(sn, program, kernel_group, maps, images, start, batch, steps, rng, p,
+                    kernels, theta, duration, index) -> None:
+    """One Brian2 run over a batch of images, checked to have simulated its whole duration."""
+    from brian2 import Network, second
+
+    table = stimulus_table(images[start:start + batch], steps, rng, p.max_rate)
+    Network._globally_stopped = False  # a standalone run does not reset Brian2's stop flag
+    t_before = float(sn.net.t / second)
+    if program is not None:
+        try:
+            program.run({sn.stimulus: table, kernel_group.k: kernels.ravel(),
+                         maps.theta: theta})
+        except RuntimeError:
+            if Network._globally_stopped:  # Ctrl-C also stopped the C++ program
+                raise KeyboardInterrupt from None
+            raise
+    else:
+        sn.stimulus.values[:] = table
+        _runtime_run(sn, duration)
+    _check_full_run(sn, program, t_before, duration, index, start)
+
+
+def _runtime_run(sn, duration) -> None:
+    """``net.run`` from a frame without local names that Brian2 could take for model names."""
+    sn.groups[0].t_start = sn.net.t
+    sn.net.run(duration)
 
 
 def pretrain(cfg: PretrainConfig, images: np.ndarray, progress: bool = True) -> dict:
@@ -208,51 +282,77 @@ def pretrain(cfg: PretrainConfig, images: np.ndarray, progress: bool = True) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="TOML file (see configs/)")
+    """The command line; errors become one line and an exit status (protocols.runstate.cli)."""
+    return cli(command, argv)
+
+
+def command(argv=None) -> int:
+    """The command's work; raises the package's errors (main turns them into exit statuses)."""
+    from protocols import runstate
+
+    parser = argparse.ArgumentParser(prog="python -m protocols.pretrain",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 written, 2 configuration, data or "
+                                            "path error, 130 interrupted (nothing written).")
+    parser.add_argument("--config", required=True, help="TOML file (see configs/pretrain_*.toml)")
     parser.add_argument("--n-images", type=int, help="override pretraining.n_images")
     parser.add_argument("--seed", type=int, help="override seed")
     parser.add_argument("--device", help="override device (runtime, cpp_standalone)")
-    parser.add_argument("--out", help="override out (run directory)")
+    parser.add_argument("--out", help="override out (folder of pretrained.npz/.json)")
     parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (the phase messages stay)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bars and no phase messages")
     args = parser.parse_args(argv)
+    if args.quiet:
+        runstate.VERBOSE = False
 
     cfg = load_config(args.config, PretrainConfig)
-    if args.n_images is not None:
-        cfg = dataclasses.replace(cfg, pretraining=dataclasses.replace(
-            cfg.pretraining, n_images=args.n_images,
-            batch_images=min(cfg.pretraining.batch_images, args.n_images)))
-    for key in ("seed", "device", "out"):
-        if getattr(args, key) is not None:
-            cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
+    try:
+        if args.n_images is not None:
+            cfg = dataclasses.replace(cfg, pretraining=dataclasses.replace(
+                cfg.pretraining, n_images=args.n_images,
+                batch_images=min(cfg.pretraining.batch_images, args.n_images)))
+        for key in ("seed", "device", "out"):
+            if getattr(args, key) is not None:
+                cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
     from models.devices import check_device
 
     check_device(cfg.device)
     from protocols.datasets import load_dataset
 
+    say(f"loading data {cfg.dataset!r}")
     data = load_dataset(cfg.dataset, args.data_dir)
     n = cfg.pretraining.n_images
     if n > len(data.train_images):
         raise ConfigError(f"pretraining.n_images = {n} exceeds the {len(data.train_images)} "
                           f"training images of {cfg.dataset!r}")
-    indices = pretraining_indices(len(data.train_images), n, cfg.seed)
-    images = data.train_images[indices]
-    t0 = time.perf_counter()
-    result = pretrain(cfg, images, progress=not args.no_progress)
-    out = Path(cfg.out)
-    record = {"config": config_to_dict(cfg), "seed": cfg.seed, "versions": versions(),
-              "command": " ".join(sys.argv), "image_indices": f"{n} training images drawn without replacement (seed {cfg.seed})",
-              "wall_s": round(time.perf_counter() - t0, 2), **result["summary"]}
-    arrays = dict(result["arrays"])
-    arrays["image_indices"] = indices
-    arrays["seed"] = np.asarray(cfg.seed)
-    arrays["config_json"] = np.asarray(json.dumps(record["config"]))
-    arrays["versions_json"] = np.asarray(json.dumps(record["versions"]))
-    atomic_savez(out / "pretrained.npz", arrays)
-    atomic_write_bytes(out / "pretrained.json", json.dumps(record, indent=2).encode())
-    print(json.dumps(result["summary"], indent=2))
+    out = check_writable(cfg.out)
+    from protocols.runstate import RunLock
+
+    with RunLock(out):
+        indices = pretraining_indices(len(data.train_images), n, cfg.seed)
+        images = data.train_images[indices]
+        t0 = time.perf_counter()
+        result = pretrain(cfg, images, progress=not (args.no_progress or args.quiet))
+        record = {"config": config_to_dict(cfg), "seed": cfg.seed, "versions": versions(),
+                  "command": " ".join(sys.argv),
+                  "image_indices": f"{n} training images drawn without replacement "
+                                   f"(seed {cfg.seed})",
+                  "wall_s": round(time.perf_counter() - t0, 2), **result["summary"]}
+        arrays = dict(result["arrays"])
+        arrays["image_indices"] = indices
+        arrays["seed"] = np.asarray(cfg.seed)
+        arrays["config_json"] = np.asarray(json.dumps(record["config"]))
+        arrays["versions_json"] = np.asarray(json.dumps(record["versions"]))
+        # the record first: pretrained.npz, the file the study looks for, appears last
+        atomic_write_bytes(out / "pretrained.json", json.dumps(record, indent=2).encode())
+        atomic_savez(out / "pretrained.npz", arrays)
+    if runstate.VERBOSE:
+        print(json.dumps(result["summary"], indent=2))
     print(f"wrote {out / 'pretrained.npz'} and {out / 'pretrained.json'}")
     return 0
 

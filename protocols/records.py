@@ -32,9 +32,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not err.filename:  # name the file (disk full ...)
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
@@ -48,10 +50,34 @@ def atomic_savez(path: str | os.PathLike, arrays: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_npz(path: str | os.PathLike) -> dict:
-    """All arrays of an ``.npz`` file, loaded without pickle."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+class NpzError(ValueError):
+    """An ``.npz`` file that is missing, truncated, corrupt or holds pickled objects."""
+
+
+def load_npz(path: str | os.PathLike, fix: str = "replace it with a good copy") -> dict:
+    """All arrays of an ``.npz`` file, loaded without pickle. A file that cannot be read is an
+    NpzError naming the file and ``fix`` (never numpy's hint to load pickles)."""
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise NpzError(f"{path} does not exist; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        reason = f"truncated or damaged zip archive: {err}"
+    except ValueError as err:
+        if "pickle" not in str(err):
+            reason = str(err)
+        elif path.read_bytes()[:1] == b"\x80":
+            reason = "it holds a pickle, which this package never loads"
+        else:
+            reason = "not a zip archive of arrays"
+    except OSError as err:
+        reason = err.strerror or str(err)
+    raise NpzError(f"{path}: corrupt or not an npz file ({reason}); {fix}")
 
 
 def versions() -> dict:
@@ -65,8 +91,22 @@ def versions() -> dict:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
+    if out["lee2018-snn"] is None:  # run from a checkout that is not pip-installed
+        out["lee2018-snn"] = source_version()
     out["git_commit"] = source_commit()
     return out
+
+
+def source_version() -> str | None:
+    """The version in the ``setup.cfg`` beside this package (None when there is none)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+        return parser.get("metadata", "version")
+    except (OSError, configparser.Error):
+        return None
 
 
 def source_commit() -> str | None:

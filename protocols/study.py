@@ -1,4 +1,4 @@
-"""One arm of the study (SPEC §6): optional STDP pre-training, then spike-based BP fine-tuning.
+"""One arm of the study (docs/method.md §6): optional STDP pre-training, then spike-based BP fine-tuning.
 
 Arms [paper]:
 
@@ -10,20 +10,23 @@ Arms [paper]:
 Run::
 
     python -m protocols.study --config configs/study_shallow_supervised.toml
-        [--seed 3] [--out runs/x] [--iterations 3000] [--data-dir DIR] [--no-progress]
+        [--seed 3] [--out runs/x] [--iterations 3000] [--data-dir DIR] [--no-progress] [--quiet]
 
 The same command, run again after an interruption, resumes from the last checkpoint. The run
 directory is described in protocols/train.py; a pre-training run started by the study goes to
 ``<out>/pretrain/``. Every configuration problem (unknown key, wrong type or unit, missing or
-incompatible pre-training file) is reported before any training starts. Exit status: 0 finished,
-2 configuration error, 3 training diverged.
+incompatible pre-training file), the data and the output folder are checked before any training
+starts. Each phase says what it is doing on stderr (``--quiet``: nothing but errors and the
+result). One process at a time works in a run folder; Ctrl-C stops cleanly, marks the run
+``interrupted`` and says how to resume (see protocols/runstate.py and docs/sweeps.md, "Faults and
+recovery"). Exit status: 0 finished, 2 configuration, data, run-folder or path error (one line
+naming the file and the fix), 3 training diverged, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +40,7 @@ from models.parameters import (BPParameters, HomeostasisParameters, InitParamete
                                PretrainingParameters, STDPParameters)
 from models.topology import SHALLOW, ConvLayer, TopologyError, parse_topology
 from protocols.config import ConfigError, config_to_dict, load_config
+from protocols.runstate import GuardSettings, check_writable, run_guard, say
 from protocols.train import TrainConfig, TrainingDiverged, TrainingSettings, rng_for, train
 
 
@@ -65,33 +69,41 @@ class StudyConfig:
     pretraining: PretrainingParameters = field(default_factory=PretrainingParameters)
     stdp: STDPParameters = field(default_factory=STDPParameters)
     homeostasis: HomeostasisParameters = field(default_factory=HomeostasisParameters)
+    #: when fine-tuning counts as diverged besides NaN/inf (protocols/runstate.py)
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self):
+        from protocols.datasets import DATASETS
+
         try:
             parse_topology(self.topology)
         except TopologyError as err:
             raise ValueError(str(err)) from None
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset = {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.arm == "supervised" and self.pretrained:
             raise ValueError("pretrained is given but arm = 'supervised'; use arm = 'pretrained'")
 
 
 def train_config(cfg: StudyConfig) -> TrainConfig:
     return TrainConfig(topology=cfg.topology, seed=cfg.seed, training=cfg.training, bp=cfg.bp,
-                       lif=cfg.lif, pooling=cfg.pooling, input=cfg.input)
+                       lif=cfg.lif, pooling=cfg.pooling, input=cfg.input, guard=cfg.guard)
 
 
 def load_pretrained_conv(path: str | Path, topology: str) -> tuple[dict, np.ndarray]:
     """Kernels and thresholds of every conv layer from a ``pretrained.npz``, checked against the
     topology, and the indices of the images pre-training used. Raises ConfigError."""
+    from protocols.records import NpzError, load_npz
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pre-trained file {path} does not exist; run protocols.pretrain first "
                           f"or leave 'pretrained' empty to let the study run it")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as err:  # not an npz, truncated, pickled objects
-        raise ConfigError(f"pre-trained file {path} cannot be read as .npz: {err}") from None
+        arrays = load_npz(path, "run protocols.pretrain again, or leave 'pretrained' empty to "
+                                "let the study run it")
+    except NpzError as err:
+        raise ConfigError(f"pre-trained file {err}") from None
     layers = parse_topology(topology)
     out = {}
     for name, layer in zip(layer_names(layers), layers):
@@ -151,9 +163,9 @@ def run_pretraining(cfg: StudyConfig, out: Path, data_dir: str | None, progress:
         argv += ["--data-dir", data_dir]
     if not progress:
         argv += ["--no-progress"]
-    status = pt.main(argv)
-    if status != 0 or not npz.is_file():
-        raise RuntimeError(f"pre-training failed (status {status}); see {target}")
+    pt.command(argv)
+    if not npz.is_file():
+        raise RuntimeError(f"pre-training wrote no {npz}")
     return npz
 
 
@@ -180,11 +192,23 @@ def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = Tr
     pretrained = None
     excluded = np.zeros(0, dtype=np.int64)
     extra = {"arm": cfg.arm, "init": cfg.init, "study_config": config_to_dict(cfg)}
-    # validate a given pre-training file before loading data or training anything
+    # validate a given pre-training file, the data and the output folder before training
     if cfg.arm == "pretrained" and cfg.pretrained:
         pretrained, excluded = load_pretrained_conv(cfg.pretrained, cfg.topology)
+    say(f"loading data {cfg.dataset!r}")
     data = load_dataset(cfg.dataset, data_dir)
+    check_writable(out)
+    with run_guard(out, "the study"):
+        return _run_study(cfg, out, data, data_dir, pretrained, excluded, extra, progress,
+                          stop_after)
+
+
+def _run_study(cfg, out, data, data_dir, pretrained, excluded, extra, progress, stop_after):
+    from protocols.runstate import write_status
+
     if cfg.arm == "pretrained" and not cfg.pretrained:
+        if not (out / "pretrain" / "pretrained.npz").is_file():
+            write_status(out, "running", "pre-training", phase="pre-training")
         npz = run_pretraining(cfg, out, data_dir, progress)
         pretrained, excluded = load_pretrained_conv(npz, cfg.topology)
         extra["pretrained_file"] = str(npz)
@@ -200,33 +224,47 @@ def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = Tr
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line; errors become one line and an exit status (protocols.runstate.cli)."""
+    from protocols.runstate import cli
+
+    return cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from protocols import runstate
+
+    parser = argparse.ArgumentParser(prog="python -m protocols.study",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 finished, 2 configuration, data, "
+                                            "run-folder or path error, 3 diverged, 130 "
+                                            "interrupted (rerun the same command to resume).")
     parser.add_argument("--config", required=True, help="TOML file (see configs/study_*.toml)")
     parser.add_argument("--seed", type=int, help="override seed")
-    parser.add_argument("--out", help="override out (run directory)")
-    parser.add_argument("--iterations", type=int, help="override training.iterations")
+    parser.add_argument("--out", help="override out (run directory; one process at a time)")
+    parser.add_argument("--iterations", type=int,
+                        help="override training.iterations (more extends a finished run)")
     parser.add_argument("--pretrained", help="override pretrained (path to pretrained.npz)")
     parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
     parser.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (the phase messages stay)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bars and no phase messages: only errors and the result")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, StudyConfig)
-        overrides = {k: getattr(args, k) for k in ("seed", "out", "pretrained")
-                     if getattr(args, k) is not None}
-        if args.iterations is not None:
-            overrides["training"] = dataclasses.replace(cfg.training, iterations=args.iterations)
-        if overrides:
+    if args.quiet:
+        runstate.VERBOSE = False
+    cfg = load_config(args.config, StudyConfig)
+    overrides = {k: getattr(args, k) for k in ("seed", "out", "pretrained")
+                 if getattr(args, k) is not None}
+    if args.iterations is not None:
+        overrides["training"] = dataclasses.replace(cfg.training, iterations=args.iterations)
+    if overrides:
+        try:
             cfg = dataclasses.replace(cfg, **overrides)
-        frame = run_study(cfg, args.data_dir, progress=not args.no_progress,
-                          stop_after=args.stop_after)
-    except (ConfigError, ValueError) as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        return 3
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    frame = run_study(cfg, args.data_dir, progress=not (args.no_progress or args.quiet),
+                      stop_after=args.stop_after)
     if len(frame):
         last = frame.iloc[-1]
         out = cfg.out.replace("{seed}", str(cfg.seed))

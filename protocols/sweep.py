@@ -81,8 +81,9 @@ def plan(sweep: SweepConfig) -> list[StudyConfig]:
 
 
 def run_status(run_dir: Path, iterations: int | None = None) -> str:
-    """``finished``, ``running`` (or interrupted), ``diverged``, or ``new``; with
-    ``iterations``, a run finished at fewer iterations is ``extendable``."""
+    """``finished``, ``running``, ``interrupted``, ``failed``, ``diverged``, ``new`` or
+    ``unknown`` (unreadable status.json); with ``iterations``, a run finished at fewer
+    iterations is ``extendable``; a ``running`` run whose process has gone is ``dead``."""
     path = Path(run_dir) / "status.json"
     if not path.exists():
         return "new"
@@ -94,6 +95,13 @@ def run_status(run_dir: Path, iterations: int | None = None) -> str:
     if status == "finished" and iterations is not None and \
             int(record.get("iteration", 0)) < iterations:
         return "extendable"
+    if status == "running":
+        from protocols.runstate import RunLock
+
+        lock = RunLock(run_dir)
+        owner = lock._owner()
+        if not (owner and lock._alive(owner)):
+            return "dead"
     return status
 
 
@@ -103,9 +111,11 @@ def _status(cfg: StudyConfig) -> str:
 
 def run_one(cfg: StudyConfig, data_dir: str | None) -> dict:
     """Run (or resume) one study arm; never raises, reports what happened."""
+    from protocols import runstate
     from protocols.study import run_study
     from protocols.train import TrainingDiverged
 
+    runstate.VERBOSE = False  # the workers' phase messages would only interleave
     result = {"run": cfg.out, "status": "finished", "message": ""}
     try:
         frame = run_study(cfg, data_dir, progress=False)
@@ -173,7 +183,8 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m protocols.sweep",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep TOML (see configs/sweep_*.toml)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler")
@@ -185,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int,
                         help="override [study.training] iterations (more extends finished runs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, SweepConfig)

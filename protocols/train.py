@@ -1,4 +1,4 @@
-"""Spike-based BP fine-tuning loop (SPEC §4): mini-batch SGD on the batched spiking network.
+"""Spike-based BP fine-tuning loop (docs/method.md §4.6): mini-batch SGD on the batched spiking network.
 
 Schedule [paper]: mini-batches of 100 images; the first epoch presents every training image
 except those used for pre-training for 100 ms each, later epochs present all training images for
@@ -9,9 +9,13 @@ Run directory (everything needed to trust and redo the run)::
 
     config.json      full configuration, seed, versions, command, data set, excluded images
     metrics.csv      iteration, epoch, images_seen, wall_time_s, train_error, test_error,
-                     train_nll, test_nll (one row per evaluation; written atomically)
+                     train_nll, test_nll, then per-layer diagnostics (protocols.diagnostics:
+                     relative step, spikes per image, silent and saturated fractions, weight
+                     norm, per-map kernel mean); one row per evaluation; written atomically
     checkpoint.npz   weights, thresholds, iteration, metrics so far, RNG derivation (no pickle)
-    status.json      running / finished / diverged, with a message
+    status.json      running (process id, host) / finished / interrupted / diverged / failed,
+                     with a message (protocols/runstate.py)
+    run.lock         the process working in the folder, while it runs; a second one refuses
     final.npz        the trained weights and thresholds (same keys as pretrained.npz)
 
 Randomness is derived, never carried: the initial weights from ``(seed, 0)``, the permutation of
@@ -44,10 +48,15 @@ import numpy as np
 from models.batched import to_numpy, forward, params_from_arrays, params_to_arrays
 from models.parameters import BPParameters, InputParameters, LIFParameters, PoolingParameters
 from models.topology import SHALLOW, parse_topology
-from protocols.bp import (NLL_FLOOR, backward, output_probabilities, predict, sgd_step,
-                          tau_steps)
+from protocols.bp import (NLL_FLOOR, backward, layer_learning_rates, output_probabilities,
+                          predict, sgd_step, tau_steps)
+from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns,
+                                   weight_columns)
 from protocols.encoding import n_steps, poisson_spikes
-from protocols.records import atomic_savez, atomic_write_bytes, atomic_write_json, versions
+from protocols.records import (NpzError, atomic_savez, atomic_write_bytes, atomic_write_json,
+                               load_npz, versions)
+from protocols.runstate import (DivergenceGuard, GuardSettings, RunError, RunInterrupted,
+                                read_json, read_status, run_guard, say, write_status)
 
 METRIC_COLUMNS = ("iteration", "epoch", "images_seen", "wall_time_s", "train_error",
                   "test_error", "train_nll", "test_nll")
@@ -137,6 +146,8 @@ class TrainConfig:
     lif: LIFParameters = field(default_factory=LIFParameters)
     pooling: PoolingParameters = field(default_factory=PoolingParameters)
     input: InputParameters = field(default_factory=InputParameters)
+    #: when a run counts as diverged besides NaN/inf (may change when a run is resumed)
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,9 +155,14 @@ class TrainConfig:
 
 
 def metrics_frame(rows: Sequence[dict]):
+    """The metrics table: METRIC_COLUMNS, then the diagnostic columns any row has (rows of runs
+    made before the diagnostics existed leave them empty)."""
     import pandas as pd
 
-    return pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS))
+    seen: dict = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return pd.DataFrame(list(rows), columns=list(METRIC_COLUMNS) + diagnostic_columns(seen))
 
 
 def write_metrics(run_dir: Path, rows: Sequence[dict]) -> None:
@@ -215,9 +231,11 @@ def make_schedule(n_train: int, excluded: Sequence[int], batch: int, seed: int) 
 
 
 def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset: int,
-             batch: int = 100, xp=np) -> tuple[float, float]:
+             batch: int = 100, xp=np, activity: ActivityTally | None = None
+             ) -> tuple[float, float]:
     """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index.
-    ``params`` live in ``xp``; the input is drawn on the CPU (the same draws on any device)."""
+    ``params`` live in ``xp``; the input is drawn on the CPU (the same draws on any device).
+    ``activity``, when given, tallies every layer's spike counts."""
     T = n_steps(_duration(cfg.training.eval_duration), cfg.lif.dt)
     dtype = np.dtype(cfg.training.dtype)
     tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
@@ -231,6 +249,8 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
                       tau_p=tau_p, keep_spikes=False, record_trace_m=False,
                       backend=cfg.training.backend)
         y = labels[b0:b0 + batch]
+        if activity is not None:
+            activity.add(out.count_cl, T)
         a_out = out.trace_p_cl[-1].reshape(len(y), -1)
         pred = to_numpy(predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp))
         wrong += int((pred != y).sum())
@@ -259,23 +279,37 @@ def _finite(params, *values) -> bool:
 
 
 def _write_status(run_dir: Path, status: str, message: str, **extra) -> None:
-    atomic_write_json(run_dir / "status.json",
-                      {"status": status, "message": message, "time": time.time(), **extra})
+    write_status(run_dir, status, message, **extra)  # with the process id and host
 
 
 #: training keys a resumed run may change: its length (to extend it) and where it runs
 RESUMABLE_CHANGES = ("iterations", "array_module", "backend")
 
 
+def _with_new_defaults(config: dict) -> dict:
+    """``config`` (a recorded TrainConfig) with every option added since it was recorded set to
+    its default, the value under which that run was made (options are added with defaults
+    that keep earlier behaviour)."""
+    from protocols.config import config_to_dict
+
+    defaults = config_to_dict(TrainConfig())
+    out = dict(config)
+    for section, values in defaults.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**values, **out[section]}
+    return out
+
+
 def _comparable(config):
     """A run's recorded configuration without the keys of RESUMABLE_CHANGES."""
     if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
         return config
+    config = {k: v for k, v in _with_new_defaults(config).items() if k != "guard"}
     return {**config, "training": {k: v for k, v in config["training"].items()
                                    if k not in RESUMABLE_CHANGES}}
 
 
-def train(
+def _train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
     data,
@@ -320,21 +354,44 @@ def train(
     }
     config_path = run_dir / "config.json"
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        old = read_json(config_path, "run record", "use a new run folder (--out)")
+        if not isinstance(old, dict):
+            raise RunError(f"{config_path}: the run record is not a JSON object; use a new run "
+                           f"folder (--out)")
         for key in ("config", "n_train", "n_test", "excluded_images"):
             if _comparable(old.get(key)) != _comparable(record.get(key)):
+                status = read_status(run_dir) or {}
+                why = (f"; that run diverged at iteration {status.get('iteration')} "
+                       f"({status.get('reason', 'see its status.json')})"
+                       if status.get("status") == "diverged" else "")
                 raise ValueError(
-                    f"{run_dir} holds a run with a different {key!r}; resume needs the same "
-                    f"configuration (use a new run directory)")
+                    f"{run_dir} holds a run with a different {key!r}{why}; resume needs the "
+                    f"same configuration: start the new one in a new run folder (--out NEW)")
 
     checkpoint = run_dir / "checkpoint.npz"
     rows: list[dict] = []
+    step_sums = None  # the relative-step tally since the last row, from the checkpoint
     if checkpoint.exists():
-        with np.load(checkpoint, allow_pickle=False) as ck:
-            arrays = {k: ck[k] for k in ck.files}
+        fix = (f"delete it to restart the run from iteration 0, or use a new run folder (--out)")
+        try:
+            arrays = load_npz(checkpoint, fix)
+        except NpzError as err:
+            raise RunError(str(err)) from None
+        missing = [k for k in ("iteration", "metrics_json", "wall_time_s", "next_input_rng_json")
+                   if k not in arrays]
+        if missing:
+            raise RunError(f"{checkpoint}: not a checkpoint of this trainer (no "
+                           f"{', '.join(missing)}); {fix}")
+        if int(arrays["iteration"]) > cfg.training.iterations:
+            raise RunError(
+                f"{run_dir} already holds {int(arrays['iteration'])} iterations, more than the "
+                f"{cfg.training.iterations} asked for, and was left as it is; read the first "
+                f"{cfg.training.iterations} from its metrics.csv, or start a run of that length "
+                f"in a new folder (--out NEW)")
         params = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
         start = int(arrays["iteration"])
         rows = json.loads(str(arrays["metrics_json"]))
+        step_sums = arrays.get("rel_step_sums")
         wall_offset = float(arrays["wall_time_s"])
         saved_rng = json.loads(str(arrays["next_input_rng_json"]))
         if saved_rng != rng_for(cfg.seed, 2, start).bit_generator.state:
@@ -350,6 +407,12 @@ def train(
         start = 0
         wall_offset = 0.0
         atomic_savez(run_dir / "initial.npz", params_to_arrays(layers, params))
+    total = cfg.training.iterations
+    previous = read_status(run_dir) if start == total else None
+    if previous and previous.get("status") == "finished" and \
+            previous.get("iteration") == total and (run_dir / "final.npz").exists():
+        say(f"{run_dir}: already finished {total} iterations; nothing to do")
+        return metrics_frame(rows)
     atomic_write_json(config_path, record)
     _write_status(run_dir, "running", f"training from iteration {start}")
 
@@ -369,13 +432,22 @@ def train(
     def wall() -> float:
         return wall_offset + time.perf_counter() - t0
 
+    steps = StepTally(layers)
+    if step_sums is not None:
+        steps.sums[:] = step_sums
+        steps.n = int(arrays["rel_step_n"])
+    etas = layer_learning_rates(layers, cfg.bp)
+
     def log_row(iteration: int, epoch: int) -> dict:
-        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0, xp=xp)
+        activity = ActivityTally(layers)
+        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0, xp=xp,
+                                        activity=activity)
         test_err, test_nll = evaluate(layers, params, te_x, te_y, cfg, 1_000_000, xp=xp)
         row = {"iteration": iteration, "epoch": epoch,
                "images_seen": iteration * cfg.bp.batch_size, "wall_time_s": round(wall(), 3),
                "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
-               "test_nll": test_nll}
+               "test_nll": test_nll, **steps.columns(), **activity.columns(),
+               **weight_columns(layers, params)}
         rows.append(row)
         write_metrics(run_dir, rows)
         return row
@@ -386,6 +458,8 @@ def train(
             iteration=np.asarray(iteration),
             wall_time_s=np.asarray(wall()),
             metrics_json=np.asarray(json.dumps(rows)),
+            rel_step_sums=steps.sums.copy(),
+            rel_step_n=np.asarray(steps.n),
             next_input_rng_json=np.asarray(json.dumps(
                 rng_for(cfg.seed, 2, iteration).bit_generator.state)),
             rng_derivation=np.asarray("poisson input of iteration i: SeedSequence([seed, 2, i])"),
@@ -395,20 +469,26 @@ def train(
         atomic_savez(checkpoint, arrays)
 
     def diverged(iteration: int, what: str):
-        msg = (f"training diverged at iteration {iteration}: {what}. The last good checkpoint "
-               f"(if any) is {checkpoint}; lower bp.eta or check the thresholds.")
+        msg = (f"training diverged at iteration {iteration}: {what}. metrics.csv holds the "
+               f"curve up to here and {checkpoint} the last good checkpoint. To rerun, start "
+               f"a new run folder (--out NEW) with a lower bp.eta (this run: {cfg.bp.eta:g}), "
+               f"or check the thresholds")
         write_metrics(run_dir, rows)
-        _write_status(run_dir, "diverged", msg, iteration=iteration)
+        _write_status(run_dir, "diverged", msg, iteration=iteration, reason=what)
         raise TrainingDiverged(msg)
 
+    guard = DivergenceGuard(cfg.guard, rows)
     if start == 0 and not rows:
+        say(f"evaluating the initial network ({len(tr_y)} training, {len(te_y)} test images)")
         row = log_row(0, 1)
         if not _finite(params, row["train_nll"], row["test_nll"]):
             diverged(0, "non-finite initial weights or outputs")
         save_checkpoint(0)
 
-    total = cfg.training.iterations
     ck_every = cfg.training.checkpoint_every or cfg.training.log_every
+    if start < total:
+        say(f"fine-tuning {run_dir}: iterations {start} to {total}, evaluating every "
+            f"{cfg.training.log_every}")
     bar = tqdm(total=total, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
                desc=run_dir.name)
     last_test = rows[-1]["test_error"] if rows else float("nan")
@@ -430,11 +510,13 @@ def train(
             if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
                     not math.isfinite(stats.loss):
                 diverged(iteration + 1, "non-finite gradient or loss")
-            sgd_step(params, grads, cfg.bp.eta)
+            steps.add(sgd_step(params, grads, etas, cfg.bp.weight_decay))
             iteration += 1
             done_here += 1
             if not _finite(params):
                 diverged(iteration, "non-finite weights after the SGD step")
+            if (reason := guard.weights(params)) is not None:
+                diverged(iteration, reason)
             running.append(float((to_numpy(stats.predictions) != y).mean()))
             running = running[-50:]
             if iteration % cfg.training.log_every == 0 or iteration == total:
@@ -442,6 +524,8 @@ def train(
                 last_test = row["test_error"]
                 if not _finite(params, row["train_nll"], row["test_nll"]):
                     diverged(iteration, "non-finite outputs in evaluation")
+                if (reason := guard.evaluation(row["train_error"])) is not None:
+                    diverged(iteration, reason)
             if iteration % ck_every == 0 or iteration == total:
                 save_checkpoint(iteration)
             bar.update(1)
@@ -449,6 +533,18 @@ def train(
                             test_err=f"{last_test:.4f}", refresh=False)
             if stop_after is not None and done_here >= stop_after:
                 break
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            last = int(load_npz(checkpoint)["iteration"])
+        except (NpzError, KeyError):
+            last = None
+        kept = (f"keeps its checkpoint at iteration {last}" if last is not None
+                else "has no checkpoint yet")
+        msg = (f"fine-tuning interrupted at iteration {iteration} of {total}; {run_dir} {kept} "
+               f"and no final.npz; rerun the same command to resume from there")
+        _write_status(run_dir, "interrupted", msg, iteration=last)
+        raise RunInterrupted(msg, recorded=run_dir) from None
     finally:
         bar.close()
 
@@ -456,6 +552,18 @@ def train(
         atomic_savez(run_dir / "final.npz", params_to_arrays(layers, params))
         _write_status(run_dir, "finished", f"finished {total} iterations", iteration=total)
     return metrics_frame(rows)
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, data, *args, **kwargs):
+    with run_guard(run_dir, "fine-tuning"):
+        return _train(cfg, run_dir, data, *args, **kwargs)
+
+
+train.__doc__ = (_train.__doc__ or "") + """
+    The run folder is locked while it runs (protocols.runstate): a second process refuses. A
+    Ctrl-C leaves status.json at 'interrupted' and raises RunInterrupted (a KeyboardInterrupt);
+    a shorter ``training.iterations`` than the folder holds is a RunError, nothing rewritten.
+    """
 
 
 def main(argv=None) -> int:
