@@ -87,11 +87,14 @@ def error_figure(table: pd.DataFrame):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("test error (%)")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    figure.legend(unique.values(), unique.keys(), loc="upper center", ncol=3, frameon=False,
-                  bbox_to_anchor=(0.5, 1.1))
-    figure.tight_layout()
+    unique = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            unique.setdefault(label, handle)
+    unique = dict(sorted(unique.items()))
+    figure.legend(unique.values(), unique.keys(), loc="upper center", ncol=4, frameon=False,
+                  bbox_to_anchor=(0.5, 1.0))
+    figure.tight_layout(rect=(0, 0, 1, 0.82))
     return figure
 
 
