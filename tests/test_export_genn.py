@@ -67,7 +67,7 @@ GENN_ROOT = _genn_root(GENN_PYTHON)
 GENN_REQUIRED = os.environ.get("LEE2018_GENN_REQUIRED") == "1"
 NO_GENN = ("no GeNN to build with: `GENN_TARBALL=/path/to/genn-4.9.0.tar.gz bash "
            "envs/make-genn-env.sh` builds one into .venv-genn from a GeNN 4.x source tarball "
-           "(CI: ../shared/vendor/genn-4.9.0.tar.gz), or `GENN_PATH=<GeNN 4.x checkout or conda "
+           "(CI is given one), or `GENN_PATH=<GeNN 4.x checkout or conda "
            "install> bash envs/make-genn-env.sh` links yours; docs/gpu.md")
 needs_genn_build = pytest.mark.skipif(GENN_ROOT is None and not GENN_REQUIRED, reason=NO_GENN)
 
