@@ -76,6 +76,9 @@ def _check_full_run(sn, program, t_before: float, duration, index: int, start: i
     the run simulated less than ``duration`` for another reason."""
     from brian2 import Network, get_device, second
 
+    from protocols.runstate import check_interrupt
+
+    check_interrupt()
     if Network._globally_stopped:
         raise KeyboardInterrupt
     if program is not None:

@@ -402,6 +402,8 @@ def cli(body, argv=None) -> int:
         text = " ".join(str(err).split())
         print(f"{kind}: {text}", file=sys.stderr, flush=True)
 
+    global _SIGNALLED
+    _SIGNALLED = False
     previous = {}
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C (and SIGTERM, as from a batch system) raise KeyboardInterrupt wherever the
@@ -447,5 +449,16 @@ def cli(body, argv=None) -> int:
             signal.signal(sig, handler)
 
 
+_SIGNALLED = False
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    global _SIGNALLED
+    _SIGNALLED = True  # remembered: a KeyboardInterrupt raised inside a weakref callback or
+    raise KeyboardInterrupt  # a __del__ is swallowed by Python ("Exception ignored in ...")
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt when a Ctrl-C arrived that Python may have swallowed."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt

@@ -56,7 +56,8 @@ from protocols.encoding import n_steps, poisson_spikes
 from protocols.records import (NpzError, atomic_savez, atomic_write_bytes, atomic_write_json,
                                load_npz, versions)
 from protocols.runstate import (DivergenceGuard, GuardSettings, RunError, RunInterrupted,
-                                read_json, read_status, run_guard, say, write_status)
+                                check_interrupt, read_json, read_status, run_guard, say,
+                                write_status)
 
 METRIC_COLUMNS = ("iteration", "epoch", "images_seen", "wall_time_s", "train_error",
                   "test_error", "train_nll", "test_nll")
@@ -533,6 +534,7 @@ def _train(
                             test_err=f"{last_test:.4f}", refresh=False)
             if stop_after is not None and done_here >= stop_after:
                 break
+            check_interrupt()  # a Ctrl-C that Python swallowed in a callback
     except KeyboardInterrupt:
         bar.close()
         try:
