@@ -22,6 +22,7 @@ from models.initialisation import initialise
 from models.parameters import BPParameters
 from models.topology import parse_topology
 from protocols.train import TrainConfig, TrainingDiverged, TrainingSettings, rng_for, train
+from test_train import write_config as write_study_config  # noqa: E402 (tests/ on sys.path)
 
 # what this module tests of protocols.runstate and protocols.records is imported in each test, so
 # that each one fails on its own where the behaviour is missing
@@ -29,26 +30,8 @@ from protocols.train import TrainConfig, TrainingDiverged, TrainingSettings, rng
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "results" / "example" / "runs" / "28x28-36C5-2P-10FC" / "lee"
 
-TINY = """
-topology = "28x28-4C5-2P-10FC"
-arm = "{arm}"
-seed = 5
-dataset = "mnist-5k"
-out = "{out}"
-pretrain_device = "runtime"
-
-[training]
-iterations = {iterations}
-log_every = 4
-checkpoint_every = 2
-train_eval_images = 100
-test_eval_images = 100
-eval_duration = "8 ms"
-
-[bp]
-eta = {eta}
-t_first_epoch = "10 ms"
-t_later_epochs = "6 ms"
+#: the faults tests pre-train on the runtime device (Ctrl-C lands inside a Brian2 run) and briefly
+RUNTIME_PRETRAINING = """pretrain_device = "runtime"
 
 [pretraining]
 n_images = 400
@@ -57,9 +40,9 @@ batch_images = 20
 
 
 def write_config(tmp_path, out, arm="supervised", iterations=40, eta=3.0, name="c.toml"):
-    path = tmp_path / name
-    path.write_text(TINY.format(arm=arm, out=out, iterations=iterations, eta=eta))
-    return path
+    """test_train's tiny study config with RUNTIME_PRETRAINING."""
+    return write_study_config(tmp_path, name=name, arm=arm, iterations=iterations,
+                              extra=RUNTIME_PRETRAINING, out=str(out), eta=eta)
 
 
 class Command:

@@ -43,16 +43,18 @@ test_eval_images = 100
 eval_duration = "8 ms"
 
 [bp]
-eta = 3.0
+eta = {eta}
 t_first_epoch = "10 ms"
 t_later_epochs = "6 ms"
 """
 
 
-def write_config(tmp_path, name="c.toml", arm="supervised", iterations=16, extra="", out=None):
+def write_config(tmp_path, name="c.toml", arm="supervised", iterations=16, extra="", out=None,
+                 eta=3.0):
+    """The tiny study config of these tests; ``extra``: more top-level keys or tables."""
     out = out or str(tmp_path / "run")
     path = tmp_path / name
-    path.write_text(TINY.format(arm=arm, out=out, iterations=iterations, extra=extra))
+    path.write_text(TINY.format(arm=arm, out=out, iterations=iterations, extra=extra, eta=eta))
     return path
 
 
