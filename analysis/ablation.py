@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.layer_diagnostics import diagnostics_figure, kernel_change
+from analysis.report import write_table
 from analysis.runs import load_runs
 
 
@@ -98,12 +99,6 @@ def error_figure(table: pd.DataFrame):
     return figure
 
 
-def write(table: pd.DataFrame, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
-    (out / f"{name}.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
-
-
 def main(argv=None) -> int:
     from analysis import figures
     from analysis.kernels import kernel_grid
@@ -120,12 +115,12 @@ def main(argv=None) -> int:
         print(f"error: {err}")
         return 2
     runs = per_run(table, args.root, args.at)
-    write(runs, args.out, "per_run")
+    write_table(runs, args.out, "per_run")
     short = runs["iterations"] < max(args.at)
     for _, r in runs[short].iterrows():
         print(f"left out of the summary (reached {r.iterations} of {max(args.at)} iterations): "
               f"{r.variant} {r.arm} seed {r.seed}")
-    write(summary(runs[~short]), args.out, "ablation")
+    write_table(summary(runs[~short]), args.out, "ablation")
     figures.save(error_figure(table), args.out / "error_curves")
     figures.save(diagnostics_figure(table, group="variant"), args.out / "diagnostics")
     for (variant, arm), group in table.groupby(["variant", "arm"]):
