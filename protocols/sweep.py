@@ -16,7 +16,7 @@ others; all failures are listed at the end and the exit status is 1.
 Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
-        [--seeds 0 1 2] [--iterations 1200] [--scheduler tcp://host:8786] [--dry-run]
+        [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run]
 """
 
 from __future__ import annotations
@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     parser.add_argument("--iterations", type=int,
                         help="override [study.training] iterations (more extends finished runs)")
+    parser.add_argument("--array-module", choices=("numpy", "cupy"),
+                        help="override [study.training] array_module, e.g. run a GPU config on "
+                             "CPUs; runs may resume on the other one")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -210,6 +213,10 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, study=dataclasses.replace(
                 cfg.study, training=dataclasses.replace(cfg.study.training,
                                                         iterations=args.iterations)))
+        if args.array_module is not None:
+            cfg = dataclasses.replace(cfg, study=dataclasses.replace(
+                cfg.study, training=dataclasses.replace(cfg.study.training,
+                                                        array_module=args.array_module)))
     except ValueError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2

@@ -125,3 +125,20 @@ def test_cli_overrides_seeds_and_iterations(tmp_path, capsys):
     statuses = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())
     assert statuses == ["extendable", "new"]
     assert main(["--config", str(config), "--seeds", "7", "7", "--dry-run"]) == 2
+
+
+def test_cli_array_module_override_reaches_every_run(tmp_path, monkeypatch):
+    import protocols.sweep as sweep_module
+
+    seen = {}
+
+    def fake_sweep(cfg, *args, **kwargs):
+        seen["modules"] = {c.training.array_module for c in sweep_module.plan(cfg)}
+        return []
+
+    monkeypatch.setattr(sweep_module, "sweep", fake_sweep)
+    config = _write(tmp_path)
+    assert sweep_module.main(["--config", str(config), "--array-module", "cupy"]) == 0
+    assert seen["modules"] == {"cupy"}
+    assert sweep_module.main(["--config", str(config)]) == 0
+    assert seen["modules"] == {"numpy"}
