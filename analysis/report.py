@@ -12,8 +12,9 @@ NLL), ``kernels_<arm>.{png,svg}`` (first-layer kernels at the end of one run per
 and the tables ``iterations_to_threshold`` (per run), ``threshold_summary`` (per arm: runs that
 reach the threshold, mean ± std of their iterations), ``error_summary`` (mean, std, bootstrap
 95 % CI),
-``variance_test`` (Brown–Forsythe) and ``final_costs`` (NLL averaged over a window), each as
-CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
+``variance_test`` (Brown–Forsythe), ``final_costs`` (NLL averaged over a window) and ``drift``
+(per run: mean test error over the last ``--drift-window`` iterations minus the lowest over any
+such window), each as CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
 step, spikes, silent and saturated fractions, kernel means over iterations) and the table of
 their means at the ``--at`` iterations.
 """
@@ -65,7 +66,7 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
 
 def report(root: Path, out: Path, threshold: float, at: list[int],
            nll_window: tuple[int, int] | None, include_unfinished: bool = False,
-           log_x: bool = False) -> dict[str, pd.DataFrame]:
+           log_x: bool = False, drift_window: int = 1000) -> dict[str, pd.DataFrame]:
     """The tables (written with the figures under ``out``); ``left_out`` lists the run folders
     not reported and why (see analysis.runs.collect_runs)."""
     table, left_out = collect_runs(root, include_unfinished)
@@ -79,6 +80,7 @@ def report(root: Path, out: Path, threshold: float, at: list[int],
         "error_summary": stats.error_summary(table, at),
         "variance_test": pd.concat([stats.variance_test(table, i) for i in at], ignore_index=True),
         "final_costs": stats.final_costs(table, window),
+        "drift": stats.drift(table, drift_window),
         "left_out": left_out,
     }
     for name, frame in tables.items():
@@ -104,6 +106,9 @@ def main(argv=None) -> int:
                         help="iterations at which to summarise the error across seeds")
     parser.add_argument("--nll-window", type=int, nargs=2, metavar=("FROM", "TO"),
                         help="iterations to average final NLL over (default: last 20 %%)")
+    parser.add_argument("--drift-window", type=int, default=1000,
+                        help="iterations per window of the drift table: mean test error over "
+                             "the last window minus the lowest over any window (default 1000)")
     parser.add_argument("--include-unfinished", action="store_true",
                         help="also report unfinished runs (interrupted, failed, running), every "
                              "run cut at the last iteration all of them reached; diverged and "
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     try:
         tables = report(args.root, args.out, args.threshold, args.at,
                         tuple(args.nll_window) if args.nll_window else None,
-                        args.include_unfinished, args.log_x)
+                        args.include_unfinished, args.log_x, args.drift_window)
     except RunsError as err:
         print(f"report error: {err}", file=sys.stderr)
         return 2

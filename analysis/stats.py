@@ -131,3 +131,37 @@ def final_costs(table: pd.DataFrame, window: tuple[int, int]) -> pd.DataFrame:
     out = grouped.agg(["mean", "std", "count"])
     out.columns = [f"{col}_{stat}" for col, stat in out.columns]
     return out.reset_index()
+
+
+def drift(table: pd.DataFrame, window: int = 1000, column: str = "test_error") -> pd.DataFrame:
+    """Per run, how far the end of training sits above its best stretch.
+
+    A window of ``window`` iterations ending at a logged iteration ``i`` averages the logged
+    values with iteration in ``(i − window, i]``; only windows that fit in the run
+    (``i ≥ window``) count. Reported per run: the mean over the last window (ending at the run's
+    last logged iteration), the lowest mean over any window and where it ends, and
+    ``drift = last − best`` (≥ 0). Windows rather than single evaluations because one evaluation
+    scatters by about its binomial standard error (~0.15 points at 2 % on 10,000 images).
+    NaN for a run shorter than one window.
+    """
+    rows = []
+    for run, group in table.sort_values("iteration").groupby("run", sort=True):
+        its = group["iteration"].to_numpy(dtype=float)
+        values = group[column].to_numpy(dtype=float)
+        first = group.iloc[0]
+        row = {c: first[c] for c in _groups(table) + ["seed"] if c in group}
+        means = {}
+        for end in its[its >= window]:
+            inside = (its > end - window) & (its <= end)
+            means[int(end)] = float(values[inside].mean())
+        if means:
+            best_end = min(means, key=means.get)
+            last_end = int(its[-1]) if its[-1] in means else max(means)
+            row.update(run=run, last_iteration=int(its[-1]), last_window=means[last_end],
+                       best_window=means[best_end], best_window_end=best_end,
+                       drift=means[last_end] - means[best_end])
+        else:
+            row.update(run=run, last_iteration=int(its[-1]), last_window=np.nan,
+                       best_window=np.nan, best_window_end=np.nan, drift=np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)

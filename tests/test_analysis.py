@@ -119,3 +119,19 @@ def test_variance_test_against_scipy():
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(RunsError, match="no run directories"):
         load_runs(tmp_path)
+
+
+def test_drift_on_a_hand_made_table():
+    # run a: logged every 100; windows of 300 end at 300..600 and average 3 evaluations
+    errors_a = [0.9, 0.5, 0.04, 0.03, 0.02, 0.03, 0.05]  # iterations 0..600
+    table = pd.DataFrame({"run": ["a"] * 7 + ["b"] * 2, "arm": ["x"] * 9,
+                          "seed": [0] * 7 + [1] * 2,
+                          "iteration": list(range(0, 700, 100)) + [0, 100],
+                          "test_error": errors_a + [0.9, 0.1]})
+    result = stats.drift(table, window=300).set_index("run")
+    windows = {end: np.mean(errors_a[end // 100 - 2:end // 100 + 1]) for end in (300, 400, 500, 600)}
+    assert result.loc["a", "last_window"] == pytest.approx(windows[600])
+    assert result.loc["a", "best_window"] == pytest.approx(min(windows.values()))
+    assert result.loc["a", "best_window_end"] == 500  # (0.03 + 0.02 + 0.03) / 3
+    assert result.loc["a", "drift"] == pytest.approx(windows[600] - windows[500])
+    assert np.isnan(result.loc["b", "drift"])  # shorter than one window
