@@ -287,17 +287,28 @@ def _write_status(run_dir: Path, status: str, message: str, **extra) -> None:
 RESUMABLE_CHANGES = ("iterations", "array_module", "backend")
 
 
+#: the value an option had in runs recorded before it existed, where that differs from today's
+#: default (a changed default must not change what an old run record means); (section, key)
+LEGACY_VALUES: dict[tuple[str, str], object] = {
+    ("bp", "conv_reduction"): "mean",
+    ("bp", "silent_units"): "pass",
+    ("bp", "conv_eta_scale"): 1.0,
+    ("bp", "weight_decay"): 0.0,
+}
+
+
 def _with_new_defaults(config: dict) -> dict:
     """``config`` (a recorded TrainConfig) with every option added since it was recorded set to
-    its default, the value under which that run was made (options are added with defaults
-    that keep earlier behaviour)."""
+    the value under which that run was made: its LEGACY_VALUES entry, else today's default
+    (options are added with defaults that keep earlier behaviour)."""
     from protocols.config import config_to_dict
 
     defaults = config_to_dict(TrainConfig())
     out = dict(config)
     for section, values in defaults.items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
-            out[section] = {**values, **out[section]}
+            legacy = {k: v for (sec, k), v in LEGACY_VALUES.items() if sec == section}
+            out[section] = {**values, **legacy, **out[section]}
     return out
 
 

@@ -103,6 +103,23 @@ def test_runs_recorded_before_an_option_existed_still_resume(tmp_path, data):
         train(other, tmp_path, data, None, progress=False)
 
 
+def test_missing_options_take_their_legacy_value_not_a_changed_default(monkeypatch):
+    import protocols.train as train_module
+    from protocols.config import config_to_dict
+
+    record = config_to_dict(TINY)
+    for (section, key) in train_module.LEGACY_VALUES:  # every entry names a real option
+        assert key in record[section], (section, key)
+    del record["bp"]["weight_decay"]
+    # as if weight decay's default had changed after this run was recorded
+    monkeypatch.setattr(train_module, "LEGACY_VALUES", {("bp", "weight_decay"): 0.0})
+    monkeypatch.setattr(train_module, "TrainConfig", lambda: dataclasses.replace(
+        TINY, bp=dataclasses.replace(TINY.bp, weight_decay=5e-4)))
+    assert train_module._with_new_defaults(record)["bp"]["weight_decay"] == 0.0
+    record["bp"]["weight_decay"] = 1e-3  # a recorded value is never replaced
+    assert train_module._with_new_defaults(record)["bp"]["weight_decay"] == 1e-3
+
+
 def test_metrics_of_older_runs_without_diagnostics_load():
     frame = metrics_frame([{"iteration": 0, "test_error": 0.5},
                            {"iteration": 100, "test_error": 0.1, "fc1_spikes": 3.0}])
