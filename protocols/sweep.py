@@ -11,12 +11,14 @@ requested number of iterations), resumes interrupted ones from their last checkp
 does that by itself), and retries runs whose worker died. Asking for more iterations
 (``--iterations`` or the config) extends finished runs from their last checkpoint, and
 ``--seeds`` adds seeds, so a study can be grown in steps without redoing any work. A run that fails (configuration error, divergence, crash) does not stop the
-others; all failures are listed at the end and the exit status is 1.
+others; all failures are listed at the end and the exit status is 1. ``--dry-run`` lists the
+runs, then times a few iterations of each kind of run on this machine and prints the estimated
+wall time of what is left (:mod:`protocols.estimate`).
 
 Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
-        [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run]
+        [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
 """
 
 from __future__ import annotations
@@ -198,7 +200,11 @@ def main(argv=None) -> int:
     parser.add_argument("--array-module", choices=("numpy", "cupy"),
                         help="override [study.training] array_module, e.g. run a GPU config on "
                              "CPUs; runs may resume on the other one")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs and their status, then calibrate on this machine "
+                             "and estimate the sweep's wall time (protocols/estimate.py)")
+    parser.add_argument("--no-estimate", action="store_true",
+                        help="with --dry-run: only list, no calibration")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -221,8 +227,14 @@ def main(argv=None) -> int:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for c in plan(cfg):
+        configs = plan(cfg)
+        for c in configs:
             print(f"{_status(c):>10}  {c.out}")
+        todo = [c for c in configs if _status(c) != "finished"]
+        if todo and not args.no_estimate:
+            from protocols.estimate import estimate
+
+            estimate(todo, args.workers, args.threads, args.data_dir)
         return 0
     results = sweep(cfg, args.scheduler, args.workers, args.threads, args.data_dir,
                     progress=not args.no_progress)

@@ -117,11 +117,12 @@ def test_cli_overrides_seeds_and_iterations(tmp_path, capsys):
     done = tmp_path / "runs" / "28x28-4C5-2P-10FC" / "lee" / "supervised" / "seed7"
     done.mkdir(parents=True)
     (done / "status.json").write_text(json.dumps({"status": "finished", "iteration": 40}))
-    assert main(["--config", str(config), "--seeds", "7", "--dry-run"]) == 0
+    assert main(["--config", str(config), "--seeds", "7", "--dry-run", "--no-estimate"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("seed7" in line for line in lines)
     assert any(line.split()[0] == "finished" for line in lines)
-    assert main(["--config", str(config), "--seeds", "7", "--iterations", "80", "--dry-run"]) == 0
+    assert main(["--config", str(config), "--seeds", "7", "--iterations", "80", "--dry-run",
+                 "--no-estimate"]) == 0
     statuses = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())
     assert statuses == ["extendable", "new"]
     assert main(["--config", str(config), "--seeds", "7", "7", "--dry-run"]) == 2
@@ -142,3 +143,50 @@ def test_cli_array_module_override_reaches_every_run(tmp_path, monkeypatch):
     assert seen["modules"] == {"cupy"}
     assert sweep_module.main(["--config", str(config)]) == 0
     assert seen["modules"] == {"numpy"}
+
+
+def test_estimate_schedules_longest_first():
+    from protocols.estimate import format_duration, schedule_wall_time
+
+    # LPT on 2 workers: 3 | 3, then 2 -> 5 | 3, 2 -> 5 | 5, 2 -> 7 | 5
+    assert schedule_wall_time([2, 3, 2, 3, 2], 2) == 7
+    assert schedule_wall_time([2, 3, 2, 3, 2], 1) == 12
+    assert schedule_wall_time([4, 1], 8) == 4
+    assert format_duration(3725) == "1 h 02 min" and format_duration(65) == "1 min 05 s"
+
+
+def test_estimate_counts_only_what_is_left(tmp_path):
+    import dataclasses
+
+    from protocols.estimate import Calibration, run_seconds
+
+    cfg = plan(load_config(_write(tmp_path), SweepConfig))[0]
+    assert cfg.arm == "pretrained"
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, iterations=40))
+    cal = Calibration(s_per_iteration_first=2.0, s_per_iteration_later=1.0,
+                      s_per_eval_image=0.01, pretrain_s=50.0)
+    # a new run on 1,000 training images, batch 100: 10 first-epoch iterations, 30 later ones;
+    # evaluations at 0, 10, 20, 30, 40 of 100 train + 200 test images; pre-training
+    assert run_seconds(cfg, cal, 1000, 500) == pytest.approx(50 + 10 * 2 + 30 * 1 + 5 * 300 * 0.01)
+    # resumed at iteration 20 (metrics.csv's last row) with its pre-training done
+    run = Path(cfg.out)
+    (run / "pretrain").mkdir(parents=True)
+    (run / "pretrain" / "pretrained.npz").write_bytes(b"")
+    (run / "metrics.csv").write_text("iteration,epoch\n0,1\n10,1\n20,2\n")
+    assert run_seconds(cfg, cal, 1000, 500) == pytest.approx(20 * 1 + 2 * 300 * 0.01)
+    (run / "metrics.csv").write_text("iteration,epoch\n0,1\n40,4\n")
+    assert run_seconds(cfg, cal, 1000, 500) == 0.0
+
+
+def test_dry_run_calibrates_and_estimates(tmp_path, capsys):
+    from protocols.sweep import main
+
+    config = tmp_path / "sweep.toml"
+    config.write_text(TINY.format(out=tmp_path / "runs").replace(
+        'arms = ["pretrained", "supervised"]', 'arms = ["supervised"]'))
+    assert main(["--config", str(config), "--dry-run", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per iteration" in out and "ms per evaluated image" in out
+    estimate_line = [line for line in out.splitlines() if line.startswith("estimate:")]
+    assert len(estimate_line) == 1 and "2 runs" in estimate_line[0]
+    assert not (tmp_path / "runs").exists()  # the calibration wrote nothing into the sweep
