@@ -25,6 +25,7 @@ import pandas as pd
 from analysis.layer_diagnostics import diagnostics_figure, kernel_change
 from analysis.report import write_table
 from analysis.runs import load_runs
+from protocols.records import load_npz
 
 
 def load_variants(root: Path) -> pd.DataFrame:
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
         for name in ("final.npz", "checkpoint.npz"):
             path = args.root / run / name
             if path.exists():
-                with np.load(path, allow_pickle=False) as arrays:
-                    kernels = arrays["conv1_kernels"]
+                kernels = load_npz(path)["conv1_kernels"]
                 figures.save(kernel_grid(kernels, title=f"{variant} · {arm} · conv1"),
                              args.out / f"kernels_{variant}_{arm}")
                 break

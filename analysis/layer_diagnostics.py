@@ -93,8 +93,10 @@ def kernel_change(run_dir: str | Path, layer: str = "conv1") -> float:
     start = run_dir / "initial.npz"
     if not (start.exists() and end.exists()):
         return float("nan")
-    with np.load(start, allow_pickle=False) as a, np.load(end, allow_pickle=False) as b:
-        if key not in a.files or key not in b.files:
-            return float("nan")
-        k0, k1 = a[key].astype(float), b[key].astype(float)
+    from protocols.records import load_npz
+
+    a, b = load_npz(start), load_npz(end)  # an unreadable file: NpzError naming it
+    if key not in a or key not in b:
+        return float("nan")
+    k0, k1 = a[key].astype(float), b[key].astype(float)
     return float(np.linalg.norm(k1 - k0) / np.linalg.norm(k0))

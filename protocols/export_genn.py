@@ -114,8 +114,12 @@ def load_params(topology: str, weights: str | os.PathLike | None = None,
         path = Path(weights)
         if not path.is_file():
             raise ExportError(f"weights file {path} does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        from protocols.records import NpzError, load_npz
+
+        try:
+            arrays = load_npz(path, "export a run's final.npz or checkpoint.npz (--run RUN)")
+        except NpzError as err:
+            raise ExportError(str(err)) from None
         where = f" recorded in {record}" if record is not None else ""
         try:
             params = params_from_arrays(layers, arrays, dtype=np.float64)

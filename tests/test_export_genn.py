@@ -406,6 +406,11 @@ def test_a_record_of_another_topology_is_refused(tiny_run, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps(record))
     err = main_error(capsys, "--run", str(other), "--emulate", "--out", out)
     assert "[lif] tau_m = '10 mV' has the wrong unit" in err
+    # a truncated weights file: one line naming it, not numpy's zip error
+    shutil.copy(run_dir / "config.json", other / "config.json")
+    (other / "final.npz").write_bytes((run_dir / "final.npz").read_bytes()[:100])
+    err = main_error(capsys, "--run", str(other), "--emulate", "--out", out)
+    assert "final.npz" in err and "--run RUN" in err
 
 
 # ----------------------------------------------------------------------------------------------
