@@ -1,8 +1,11 @@
 """Compare fine-tuning variants: one sweep folder per variant, side by side.
 
 Each sub-folder of ROOT is one variant's sweep (``configs/ablation/<variant>.toml`` writes
-``runs/ablation/<variant>/``). Writes, under ``--out``: ``ablation.{csv,md}`` (per variant and arm:
-seeds, test error at the ``--at`` iterations and its best, train error at the last, conv1's
+``runs/ablation/<variant>/``); ``--variant NAME=FOLDER`` adds a sweep folder from elsewhere (a
+committed study with the same settings), and ``--until N`` compares runs of different lengths up
+to iteration N. Writes, under ``--out``: ``ablation.{csv,md}`` (per variant and arm:
+seeds, test error at the ``--at`` iterations and its best, the runs that reached ``--threshold``
+and the median iteration they first did, train error at the last, conv1's
 relative kernel change, the per-layer relative steps and their ratio, conv1 spikes per image),
 ``per_run.{csv,md}`` (the same per run; the summary leaves out, and names, runs that
 stopped before the largest ``--at``: diverged or unfinished), ``error_curves.{png,svg}`` (test error per variant, one
@@ -12,6 +15,7 @@ per variant) and ``kernels_<variant>_<arm>.{png,svg}`` (conv1 kernels of the low
 Run::
 
     python -m analysis.ablation runs/ablation --out results/ablation_shallow --at 600 1200
+        [--variant baseline=results/shallow_mnist_eta3_gpu/runs --until 3000]
 """
 
 from __future__ import annotations
@@ -28,32 +32,51 @@ from analysis.runs import load_runs
 from protocols.records import load_npz
 
 
-def load_variants(root: Path) -> pd.DataFrame:
-    """All runs of every variant folder below ``root``, with a ``variant`` column."""
+def load_variants(root: Path | None, extra: dict[str, Path] | None = None) -> pd.DataFrame:
+    """All runs of every variant folder below ``root`` and of the ``extra`` folders (variant
+    name: sweep folder), with ``variant`` and ``run_dir`` (the run's folder) columns."""
+    folders = {}
+    if root is not None:
+        folders.update({p.name: p for p in sorted(Path(root).iterdir()) if p.is_dir()})
+    for name, folder in (extra or {}).items():
+        if name in folders:
+            raise ValueError(f"variant {name!r} is both a folder of {root} and given with "
+                             f"--variant; rename one")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--variant {name}={folder}: no such folder")
+        folders[name] = Path(folder)
     frames = []
-    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+    for name, folder in sorted(folders.items()):
         if not any(folder.rglob("metrics.csv")):
             continue
         table = load_runs(folder)
-        table["run"] = [str(Path(folder.name) / r) for r in table["run"]]
-        frames.append(table.assign(variant=folder.name))
+        table["run_dir"] = [str(folder / r) for r in table["run"]]
+        table["run"] = [str(Path(name) / r) for r in table["run"]]
+        frames.append(table.assign(variant=name))
     if not frames:
         raise ValueError(f"no variant folders with runs below {root}")
     return pd.concat(frames, ignore_index=True)
 
 
-def per_run(table: pd.DataFrame, root: Path, at: list[int]) -> pd.DataFrame:
+def per_run(table: pd.DataFrame, at: list[int], threshold: float = 0.02,
+            until: int | None = None) -> pd.DataFrame:
+    """One row per run; with ``until``, every number but the kernel change (from the run's
+    last weights file, at ``kernels_at``) uses only iterations up to ``until``."""
     rows = []
-    for (variant, arm, seed, run), runs in table.groupby(["variant", "arm", "seed", "run"]):
-        runs = runs.sort_values("iteration").set_index("iteration")
+    for (variant, arm, seed, run), full in table.groupby(["variant", "arm", "seed", "run"]):
+        full = full.sort_values("iteration").set_index("iteration")
+        runs = full if until is None else full[full.index <= until]
         last = runs.iloc[-1]
         row = {"variant": variant, "arm": arm, "seed": seed, "status": last.get("status", ""),
                "iterations": int(runs.index[-1])}
         for i in at:
             row[f"test_{i}"] = runs["test_error"].get(i, np.nan)
         row["best_test"] = runs["test_error"].min()
+        hit = runs.index[runs["test_error"] <= threshold]
+        row[f"iter_to_{threshold:g}"] = float(hit[0]) if len(hit) else np.nan
         row["train_last"] = last["train_error"]
-        row["conv1_change"] = kernel_change(root / run)
+        row["conv1_change"] = kernel_change(full["run_dir"].iloc[0])
+        row["kernels_at"] = int(full.index[-1])
         for col in ("conv1_rel_step", "fc1_rel_step", "conv1_spikes", "conv1_silent",
                     "fc1_saturated", "fc1_wnorm"):
             row[col] = last.get(col, np.nan)
@@ -63,11 +86,17 @@ def per_run(table: pd.DataFrame, root: Path, at: list[int]) -> pd.DataFrame:
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per variant and arm (with the seed count)."""
-    value_cols = [c for c in runs.columns if c not in ("variant", "arm", "seed", "status")]
+    """Mean over seeds per variant and arm (with the seed count); for the first crossing of the
+    threshold, how many runs reached it and the median of their iterations."""
+    crossing = [c for c in runs.columns if c.startswith("iter_to_")]
+    value_cols = [c for c in runs.columns
+                  if c not in ("variant", "arm", "seed", "status", "kernels_at", *crossing)]
     grouped = runs.groupby(["variant", "arm"], sort=True)
     out = grouped[value_cols].mean()
     out.insert(0, "seeds", grouped.size())
+    for col in crossing:
+        out[col.replace("iter_to_", "reached_")] = grouped[col].count()
+        out[col + "_median"] = grouped[col].median()
     return out.reset_index()
 
 
@@ -78,7 +107,8 @@ def error_figure(table: pd.DataFrame):
     figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4), squeeze=False,
                                 sharey=True)
     variants = sorted(table["variant"].unique())
-    colours = dict(zip(variants, plt.get_cmap("tab10").colors))
+    palette = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20").colors
+    colours = {v: palette[i % len(palette)] for i, v in enumerate(variants)}
     for ax, arm in zip(axes.flat, arms):
         for (variant, run), runs in table[table["arm"] == arm].groupby(["variant", "run"]):
             runs = runs.sort_values("iteration")
@@ -105,29 +135,46 @@ def main(argv=None) -> int:
     from analysis.kernels import kernel_grid
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="folder of variant sweep folders")
+    parser.add_argument("root", type=Path, nargs="?", help="folder of variant sweep folders")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
+                        help="one more variant: a sweep folder elsewhere (e.g. a committed study "
+                             "made with the same settings)")
+    parser.add_argument("--until", type=int,
+                        help="compare runs only up to this iteration (runs of different lengths)")
+    parser.add_argument("--threshold", type=float, default=0.02,
+                        help="test error whose first crossing is reported (default 0.02)")
     parser.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
     parser.add_argument("--at", type=int, nargs="+", default=[600, 1200],
                         help="iterations at which to compare the test error")
     args = parser.parse_args(argv)
     try:
-        table = load_variants(args.root)
+        extra = dict(v.split("=", 1) for v in args.variant)
+    except ValueError:
+        parser.error("--variant takes NAME=FOLDER")
+    if args.root is None and not extra:
+        parser.error("give a folder of variant folders, or --variant NAME=FOLDER")
+    try:
+        table = load_variants(args.root, {k: Path(v) for k, v in extra.items()})
     except ValueError as err:
         print(f"error: {err}")
         return 2
-    runs = per_run(table, args.root, args.at)
+    if args.until is not None:
+        table_shown = table[table["iteration"] <= args.until]
+    else:
+        table_shown = table
+    runs = per_run(table, args.at, args.threshold, args.until)
     write_table(runs, args.out, "per_run")
     short = runs["iterations"] < max(args.at)
     for _, r in runs[short].iterrows():
         print(f"left out of the summary (reached {r.iterations} of {max(args.at)} iterations): "
               f"{r.variant} {r.arm} seed {r.seed}")
     write_table(summary(runs[~short]), args.out, "ablation")
-    figures.save(error_figure(table), args.out / "error_curves")
-    figures.save(diagnostics_figure(table, group="variant"), args.out / "diagnostics")
+    figures.save(error_figure(table_shown), args.out / "error_curves")
+    figures.save(diagnostics_figure(table_shown, group="variant"), args.out / "diagnostics")
     for (variant, arm), group in table.groupby(["variant", "arm"]):
-        run = group.sort_values("seed")["run"].iloc[0]
+        run_dir = Path(group.sort_values("seed")["run_dir"].iloc[0])
         for name in ("final.npz", "checkpoint.npz"):
-            path = args.root / run / name
+            path = run_dir / name
             if path.exists():
                 kernels = load_npz(path)["conv1_kernels"]
                 figures.save(kernel_grid(kernels, title=f"{variant} · {arm} · conv1"),

@@ -135,3 +135,34 @@ def test_drift_on_a_hand_made_table():
     assert result.loc["a", "best_window_end"] == 500  # (0.03 + 0.02 + 0.03) / 3
     assert result.loc["a", "drift"] == pytest.approx(windows[600] - windows[500])
     assert np.isnan(result.loc["b", "drift"])  # shorter than one window
+
+
+def test_ablation_compares_variants_up_to_an_iteration(tmp_path):
+    """analysis.ablation on committed runs: a variant folder of ROOT and one given with
+    --variant, cut at --until; numbers checked against the runs' metrics.csv read by pandas."""
+    from analysis.ablation import main as ablation_main
+
+    screen = Path(__file__).resolve().parents[1] / "results" / "ablation_shallow_screen" / "runs"
+    assert ablation_main([str(screen), "--variant", f"example={EXAMPLE}", "--out",
+                          str(tmp_path), "--at", "100", "200", "--until", "400",
+                          "--threshold", "0.1"]) == 0
+    runs = pd.read_csv(tmp_path / "per_run.csv")
+    assert {"example", "sum_gate", "baseline"} <= set(runs.variant)
+    assert runs.iterations.max() <= 400
+    for variant, folder in (("example", EXAMPLE), ("sum_gate", screen / "sum_gate")):
+        for metrics in folder.rglob("metrics.csv"):
+            raw = pd.read_csv(metrics).set_index("iteration")
+            seed = json.loads((metrics.parent / "config.json").read_text())["seed"]
+            arm = metrics.parent.parent.name
+            row = runs[(runs.variant == variant) & (runs.arm == arm) & (runs.seed == seed)].iloc[0]
+            cut = raw[raw.index <= 400]
+            assert row["test_200"] == pytest.approx(cut.test_error[200])
+            assert row["best_test"] == pytest.approx(cut.test_error.min())
+            below = cut.index[cut.test_error <= 0.1]
+            assert (np.isnan(row["iter_to_0.1"]) and not len(below)) or row["iter_to_0.1"] == below[0]
+            assert row["kernels_at"] == raw.index.max()  # the kernels of the run's last file
+    summary = pd.read_csv(tmp_path / "ablation.csv")
+    example = summary[(summary.variant == "example") & (summary.arm == "supervised")].iloc[0]
+    mine = runs[(runs.variant == "example") & (runs.arm == "supervised")]
+    assert example["reached_0.1"] == mine["iter_to_0.1"].notna().sum()
+    assert example["test_200"] == pytest.approx(mine.test_200.mean())
