@@ -245,11 +245,20 @@ class InitParameters:
     #: unit fire at most steps (the FC unit sums ~750 inputs of ±k), where a' = 1 − a/τ_p ≈ 0
     #: stalls learning; α = 40 starts with a silent output layer.
     alpha: float = 20.0
+    #: [choice] scale of STDP pre-trained conv layers when fine-tuning starts: "as_trained"
+    #: (STDP's own scale: |K| near its bound w_max = 1) or "init_rms" (kernels and thresholds
+    #: of each such layer times one factor, so that the kernels' RMS is the random
+    #: initialisation's, k/√3). A common factor on a layer's weights and thresholds leaves
+    #: every spike unchanged (V starts at 0, resets to 0 or by θ, and is linear in the input);
+    #: it only changes how far one η moves the kernels relative to their size — at STDP's
+    #: scale about 5× less than a randomly initialised layer's (docs/finetuning.md).
+    pretrained_scale: str = "as_trained"
 
     def __post_init__(self):
         _check(self)
         if self.alpha <= 0:
             raise ParameterError("InitParameters.alpha must be positive")
+        _check_choice(self, "pretrained_scale", ("as_trained", "init_rms"))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ naming the file and the fix), 3 training diverged, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Literal
 import numpy as np
 
 from models.batched import layer_names, weight_shape
-from models.initialisation import initialise
+from models.initialisation import init_range, initialise
 from models.parameters import (BPParameters, HomeostasisParameters, InitParameters,
                                InputParameters, LIFParameters, PoolingParameters,
                                PretrainingParameters, STDPParameters)
@@ -174,10 +175,17 @@ def initial_parameters(cfg: StudyConfig, pretrained: dict | None, dtype=np.float
     layers = parse_topology(cfg.topology)
     params = initialise(layers, rng_for(cfg.seed, 0), cfg.init, cfg.initialisation, dtype)
     if pretrained:
-        for name, p in zip(layer_names(layers), params):
+        for name, layer, p in zip(layer_names(layers), layers, params):
             if name and name.startswith("conv"):
-                p.weights = np.asarray(pretrained[f"{name}_kernels"], dtype=dtype).copy()
-                p.thresholds = np.asarray(pretrained[f"{name}_thresholds"], dtype=dtype).copy()
+                kernels = np.asarray(pretrained[f"{name}_kernels"], dtype=np.float64)
+                thresholds = np.asarray(pretrained[f"{name}_thresholds"], dtype=np.float64)
+                if cfg.initialisation.pretrained_scale == "init_rms":
+                    rms = float(np.sqrt(np.mean(kernels ** 2)))
+                    if rms > 0:
+                        factor = init_range(layer, cfg.init) / math.sqrt(3.0) / rms
+                        kernels, thresholds = kernels * factor, thresholds * factor
+                p.weights = kernels.astype(dtype)
+                p.thresholds = thresholds.astype(dtype)
     return params
 
 

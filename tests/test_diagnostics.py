@@ -145,3 +145,49 @@ def test_diagnostics_table_averages_runs_per_group_at_the_chosen_iterations():
     assert out.loc["p", "conv1_map_mean"] == pytest.approx(0.3)
     assert out.loc["s", "conv1_rel_step"] == pytest.approx(0.5)
     assert "conv1_map_mean_sd" not in out.columns and "test_error" not in out.columns
+
+
+def test_step_probe_reproduces_the_first_step_of_a_run(tmp_path):
+    """protocols.step_probe's batch 0 is the run's first SGD step: the same relative steps as
+    the run logs at iteration 1 (log_every = 1)."""
+    import pandas as pd
+
+    from protocols.step_probe import main as probe_main
+    from protocols.study import StudyConfig, run_study
+    from protocols.config import load_config
+
+    config = tmp_path / "study.toml"
+    config.write_text(f"""
+topology = "28x28-3C5-2P-10FC"
+arm = "supervised"
+seed = 4
+dataset = "mnist-5k"
+out = "{tmp_path / 'run'}"
+[training]
+iterations = 1
+log_every = 1
+train_eval_images = 20
+test_eval_images = 20
+eval_duration = "5 ms"
+[bp]
+t_first_epoch = "6 ms"
+t_later_epochs = "4 ms"
+conv_reduction = "sum"
+silent_units = "zero"
+eta = 2.0
+""")
+    run_study(load_config(config, StudyConfig), progress=False)
+    logged = pd.read_csv(tmp_path / "run" / "metrics.csv").set_index("iteration").loc[1]
+    assert probe_main(["--config", str(config), "--batches", "2", "--json",
+                       str(tmp_path / "probe.json")]) == 0
+    rows = json.loads((tmp_path / "probe.json").read_text())["rows"]
+    assert len(rows) == 2
+    for layer in ("conv1", "fc1"):
+        assert rows[0][f"{layer}_rel_step"] == pytest.approx(logged[f"{layer}_rel_step"], rel=1e-6)
+    assert rows[1]["conv1_rel_step"] != pytest.approx(rows[0]["conv1_rel_step"], rel=1e-6)
+    # an override reaches the configuration: a 10x larger eta, 10x larger steps
+    assert probe_main(["--config", str(config), "--batches", "1", "--set", "bp.eta=20.0",
+                       "--json", str(tmp_path / "probe10.json")]) == 0
+    ten = json.loads((tmp_path / "probe10.json").read_text())["rows"][0]
+    assert ten["fc1_rel_step"] == pytest.approx(10 * rows[0]["fc1_rel_step"], rel=1e-5)
+    assert probe_main(["--config", str(config), "--set", "bp.eta"]) == 2  # one-line error
