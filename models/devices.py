@@ -61,11 +61,23 @@ def use_device(name: str, directory: str | None = None, threads: int | None = No
     if directory is None:
         directory = tempfile.mkdtemp(prefix=f"lee2018_{name}_")
     os.makedirs(directory, exist_ok=True)
+    _fresh(name)
     kwargs = {"directory": directory, "build_on_run": False}
     set_device(name, **kwargs)
     if name == "cpp_standalone":
         prefs.devices.cpp_standalone.openmp_threads = int(threads or 0)
     return directory
+
+
+def _fresh(name: str) -> None:
+    """Clear a standalone device that already built a program in this process (Brian2 refuses
+    to build a second one until the device is re-initialised): e.g. pre-training's second conv
+    layer after its first, each one program."""
+    from brian2.devices.device import all_devices
+
+    existing = all_devices.get(name)
+    if existing is not None and getattr(existing, "has_been_run", False):
+        existing.reinit()
 
 
 def is_standalone() -> bool:

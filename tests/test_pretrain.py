@@ -1,5 +1,6 @@
 """Layer-wise pre-training protocol: determinism, frozen lower layers, config and file handling."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -84,3 +85,20 @@ def test_command_line_run_writes_record(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["--config", str(config), "--device", "gpu", "--out", str(out)]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err  # one line, exit status 2
+
+
+def test_two_conv_layers_pretrain_on_cpp_standalone():
+    """Each conv layer is one standalone program; the second is built after the first has run
+    in the same process (Brian2 needs its device re-initialised in between). The deep net's
+    default pre-training failed here before models.devices did that."""
+    from models.devices import use_device
+
+    cfg = dataclasses.replace(_config(0), device="cpp_standalone")
+    try:
+        result = pretrain(cfg, _images(), progress=False)
+    finally:
+        use_device("runtime")
+    arrays = result["arrays"]
+    assert arrays["conv1_kernels"].shape == (3, 1, 3, 3) and arrays["conv2_kernels"].shape == (2, 3, 3, 3)
+    assert set(result["summary"]["layers"]) == {"conv1", "conv2"}
+    assert arrays["conv1_spikes_per_image"].sum() > 0
