@@ -127,6 +127,25 @@ class TrainConfig:
     hidden_gradient: Literal["timing", "surrogate", "hybrid"] = "hybrid"
     #: events processed together in the backward pass (memory)
     chunk: int = 128
+    #: [choice] rate-calibrated initialisation, one rate per hidden layer in Hz, optionally one
+    #: more for the output layer (empty = off: plain N(mean, std)): per seed, every weight of
+    #: layer l is shifted by one constant (bisection, input side first) so that the layer's
+    #: neurons fire at this mean rate over the task's patterns before training (an output rate =
+    #: the target rate makes "before training" a net that fires as often as it should, at
+    #: random times, instead of a silent or bursting one). Why: with a fixed N(mean, std)
+    #: the last hidden layer's activity depended on the seed's inputs (0.25-4 spikes per neuron
+    #: and pattern in the mapping task) and seeds whose layer was near silent could not learn
+    #: (docs/normad.md, "Mapping: diagnosis").
+    init_rate_Hz: tuple[float, ...] = ()
+    #: [choice] step-size schedule: the rate of every layer at epoch e (0-based update index) is
+    #: rate_nA / (1 + e / rate_decay_epochs); 0 = constant (the default, and what every
+    #: committed config uses). Why offered: NormAD moves a weight vector by exactly r per error
+    #: spike, so with a constant r the output can flicker around a target; in the mapping task a
+    #: 1/(1 + e/100) schedule ended worse than a constant step (docs/normad.md), so it is off.
+    rate_decay_epochs: float = 0.0
+    #: "falls" (summary): the mean van Rossum distance over the last `fall_window` epochs is
+    #: below the distance before training (robust to the epoch-to-epoch flicker of one spike)
+    fall_window: int = 5
 
 
 @dataclass(frozen=True)
@@ -143,6 +162,11 @@ class NormADRunConfig:
                 raise ValueError(f"train.{key} needs one value per layer ({n_layers})")
         if self.task.kind == "xor" and self.task.n_outputs != 1:
             raise ValueError("xor has one output neuron")
+        if self.train.init_rate_Hz and len(self.train.init_rate_Hz) not in (n_layers - 1, n_layers):
+            raise ValueError("train.init_rate_Hz needs one rate per hidden layer, optionally "
+                             "followed by one for the output layer (or none)")
+        if self.train.rate_decay_epochs < 0 or self.train.fall_window < 1:
+            raise ValueError("train.rate_decay_epochs must be >= 0 and train.fall_window >= 1")
 
 
 # --------------------------------------------------------------------------- tasks
@@ -240,6 +264,38 @@ def init_weights(cfg: NormADRunConfig, seeds: list[int]) -> list[np.ndarray]:
     return out
 
 
+def calibrate_init(cfg: NormADRunConfig, weights: list[np.ndarray], x: np.ndarray,
+                   iterations: int = 30, span_nA: float = 4.0) -> list[np.ndarray]:
+    """Rate-calibrated initialisation (``train.init_rate_Hz``): per seed and layer, input side
+    first, add one constant to all the layer's weights, found by bisection on
+    [-span, +span] nA, so that the layer's mean rate over neurons and patterns is the target.
+
+    The mean rate grows with the shift (more drive, more spikes), so bisection converges to the
+    shift where the rate crosses the target (to 2 span / 2^iterations; the rate itself then
+    lies within the jump of the layer's spike count at that shift), or to the end of the
+    bracket when the target is out of reach. Returns new arrays; ``weights`` is unchanged."""
+    rates = cfg.train.init_rate_Hz
+    W = [w.copy() for w in weights]
+    if not rates:
+        return W
+    p = cfg.neuron
+    T_s = float(cfg.task.duration / second)
+    S = W[0].shape[0]
+    for l, rate in enumerate(rates):
+        lo, hi = np.full(S, -span_nA * 1e-9), np.full(S, span_nA * 1e-9)
+        base = weights[l].copy()
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            W[l] = base + mid[:, None, None]
+            spikes = simulate(W[: l + 1], x, p)[l]["spikes"]  # (T, S, P, N)
+            r = spikes.sum(0).mean(axis=(1, 2)) / T_s  # mean rate per seed, Hz
+            low = r < rate
+            lo = np.where(low, mid, lo)
+            hi = np.where(low, hi, mid)
+        W[l] = base + (0.5 * (lo + hi))[:, None, None]
+    return W
+
+
 # --------------------------------------------------------------------------- the rule
 def normad_update(weights, layers, x, y, p: NormADParameters, active=None, chunk: int = 128,
                   hidden_gradient: str = "hybrid", dhat_input=None, output_only: bool = False):
@@ -308,11 +364,13 @@ def normad_update(weights, layers, x, y, p: NormADParameters, active=None, chunk
             ok = norm > 0
             np.add.at(dirs[l], s_c[ok], (sg[ok] / norm[ok])[:, None, None] * g[ok])
             if l > 0:
+                # the reverse kappa filter (time) and the weights (neurons) commute: project
+                # onto the N_{l-1} neurons below first, then filter the smaller array
+                proj = np.einsum("etk,ekj->etj", lam, weights[l][s_c], optimize=True)
                 new = 0.0
                 for gates, _, deriv in paths:
-                    back = kappa_filter(lam, p, reverse=True, derivative=deriv, axis=1)
-                    new = new + gates[l - 1][s_c, p_c, :Tc] * np.einsum(
-                        "etk,ekj->etj", back, weights[l][s_c], optimize=True)
+                    back = kappa_filter(proj, p, reverse=True, derivative=deriv, axis=1)
+                    new = new + gates[l - 1][s_c, p_c, :Tc] * back
                 lam = new
     return dirs
 
@@ -380,6 +438,17 @@ def epoch_metrics(cfg: NormADRunConfig, out_spikes: np.ndarray, y: np.ndarray) -
     return m
 
 
+def hidden_metrics(layers) -> dict:
+    """Per hidden layer l (1-based) and seed: ``hidden<l>_spikes`` (mean spikes per neuron and
+    pattern) and ``hidden<l>_silent`` (fraction of neurons silent for every pattern)."""
+    m = {}
+    for l, layer in enumerate(layers[:-1], start=1):
+        counts = layer["spikes"].sum(0)  # (S, P, N)
+        m[f"hidden{l}_spikes"] = counts.mean(axis=(1, 2)).astype(float)
+        m[f"hidden{l}_silent"] = (counts.sum(1) == 0).mean(1).astype(float)
+    return m
+
+
 def converged(cfg: NormADRunConfig, m: dict) -> np.ndarray:
     """XOR: all four patterns classified right; single: every target spike matched within the
     tolerance and no extra spike; mapping: the same as single (all patterns, all outputs)."""
@@ -393,7 +462,7 @@ def train(cfg: NormADRunConfig, seeds: list[int], progress=None):
     """Train every seed at once. Returns (history: list of per-epoch metric dicts, weights,
     converged_epoch (S,) with -1 for never, final output spikes, x, y)."""
     x, y = make_task(cfg, seeds)
-    W = init_weights(cfg, seeds)
+    W = calibrate_init(cfg, init_weights(cfg, seeds), x)
     p = cfg.neuron
     rates = [r * 1e-9 for r in cfg.train.rate_nA]
     S = len(seeds)
@@ -404,6 +473,7 @@ def train(cfg: NormADRunConfig, seeds: list[int], progress=None):
     for epoch in range(cfg.train.epochs + 1):
         layers = simulate(W, x, p)
         m = epoch_metrics(cfg, layers[-1]["spikes"], y)
+        m.update(hidden_metrics(layers))
         ok = converged(cfg, m)
         newly = ok & (conv_epoch < 0)
         conv_epoch[newly] = epoch
@@ -419,8 +489,10 @@ def train(cfg: NormADRunConfig, seeds: list[int], progress=None):
         dirs = normad_update(W, layers, x, y, p, active, cfg.train.chunk,
                              cfg.train.hidden_gradient, dhat_x,
                              output_only=not any(rates[:-1]))
+        tau = cfg.train.rate_decay_epochs
+        decay = 1.0 / (1.0 + epoch / tau) if tau else 1.0
         for l in range(len(W)):
-            W[l] += rates[l] * dirs[l]
+            W[l] += decay * rates[l] * dirs[l]
     return history, W, conv_epoch, layers[-1]["spikes"], x, y
 
 
@@ -472,21 +544,48 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def summarise(cfg: NormADRunConfig, seeds, history, conv_epoch) -> tuple[list[dict], str]:
-    """Per-seed rows and the markdown summary with 95 % CIs."""
+def fell_mask(vr, window: int = 5):
+    """Did the distance fall? ``vr`` (epochs, ...) from epoch 0 (before training): the mean over
+    the last ``window`` epochs is below epoch 0's value (a single last epoch flickers with one
+    spike more or less; a fixed window does not)."""
+    vr = np.asarray(vr, dtype=float)
+    return vr[-window:].mean(axis=0) < vr[0]
+
+
+def silent_distance(cfg: NormADRunConfig, y: np.ndarray) -> np.ndarray:
+    """(S,) van Rossum distance of a *silent* output to the targets, averaged like
+    :func:`epoch_metrics` (sqrt(n/2) for n target spikes far apart): the reference a net that
+    learnt nothing but silence would reach."""
+    return epoch_metrics(cfg, np.zeros_like(y), y)["vr_distance"]
+
+
+def summarise(cfg: NormADRunConfig, seeds, history, conv_epoch, y=None) -> tuple[list[dict], str]:
+    """Per-seed rows and the markdown summary with 95 % CIs (``y``: the targets, for the
+    silent-output reference distance)."""
     S = len(seeds)
+    win = cfg.train.fall_window
+    silent = silent_distance(cfg, y) if y is not None else None
     rows = []
     for s, seed in enumerate(seeds):
         final = history[-1]
         vr_all = np.array([h["vr_distance"][s] for h in history])
+        fm_all = np.array([h["frac_matched"][s] for h in history])
         row = {"seed": seed, "converged": int(conv_epoch[s] >= 0),
                "epochs_to_convergence": int(conv_epoch[s]) if conv_epoch[s] >= 0 else "",
                "vr_initial": round(float(vr_all[0]), 6), "vr_final": round(float(final["vr_distance"][s]), 6),
                "vr_min": round(float(vr_all.min()), 6),
                "vr_last10": round(float(vr_all[-10:].mean()), 6),
+               "vr_last_window": round(float(vr_all[-win:].mean()), 6),
+               "fell": int(fell_mask(vr_all, win)),
                "frac_matched_initial": round(float(history[0]["frac_matched"][s]), 6),
                "frac_matched_final": round(float(final["frac_matched"][s]), 6),
+               "frac_matched_last_window": round(float(fm_all[-win:].mean()), 6),
                "out_spikes_final": round(float(final["out_spikes"][s]), 4)}
+        if silent is not None:
+            row["vr_silent_output"] = round(float(silent[s]), 6)
+        for key in [k for k in history[0] if k.startswith("hidden")]:
+            row[f"{key}_initial"] = round(float(history[0][key][s]), 4)
+            row[f"{key}_final"] = round(float(final[key][s]), 4)
         if cfg.task.kind == "xor":
             row["xor_correct_final"] = float(final["xor_correct"][s])
         rows.append(row)
@@ -507,27 +606,56 @@ def summarise(cfg: NormADRunConfig, seeds, history, conv_epoch) -> tuple[list[di
                      f"{clo:.1f}-{chi:.1f}; median {np.median(ep):.0f}, range {ep.min()}-{ep.max()} |")
     for key, label in (("vr_initial", "van Rossum distance, before"),
                        ("vr_final", "van Rossum distance, final"),
+                       ("vr_last_window", f"van Rossum distance, mean of the last {win} epochs"),
                        ("frac_matched_initial", "target spikes matched within tolerance, before"),
-                       ("frac_matched_final", "target spikes matched within tolerance, final")):
+                       ("frac_matched_final", "target spikes matched within tolerance, final"),
+                       ("frac_matched_last_window",
+                        f"target spikes matched within tolerance, mean of the last {win} epochs")):
         vals = [r[key] for r in rows]
         mu, sdv, (a, b) = mean_ci(vals)
         lines.append(f"| {label} | {mu:.3f} (sd {sdv:.3f}, 95 % CI {a:.3f}-{b:.3f}) |")
-    fell = sum(r["vr_final"] < r["vr_initial"] for r in rows)
-    fell10 = sum(r["vr_last10"] < r["vr_initial"] for r in rows)
-    lines.append(f"| seeds whose distance fell (final < before) | {fell}/{S} |")
-    lines.append(f"| seeds whose distance fell (mean of the last 10 epochs < before) | {fell10}/{S} |")
+    drop = [r["vr_initial"] - r["vr_last_window"] for r in rows]
+    mu, sdv, (a, b) = mean_ci(drop)
+    lines.append(f"| fall of the distance (before - mean of the last {win} epochs) | {mu:.3f} "
+                 f"(sd {sdv:.3f}, 95 % CI {a:.3f}-{b:.3f}) |")
+    fell = sum(r["fell"] for r in rows)
+    flo, fhi = wilson(fell, S)
+    lines.append(f"| seeds whose distance fell (mean of the last {win} epochs < before) | "
+                 f"**{fell}/{S}** (95 % Wilson CI {flo:.2f}-{fhi:.2f}) |")
+    if silent is not None:
+        mu, sdv, (a, b) = mean_ci([r["vr_silent_output"] for r in rows])
+        below = sum(r["vr_last_window"] < r["vr_silent_output"] for r in rows)
+        lines.append(f"| reference: distance of a silent output | {mu:.3f} (sd {sdv:.3f}, 95 % CI "
+                     f"{a:.3f}-{b:.3f}); seeds whose last-{win} mean is below it: {below}/{S} |")
+    fell1 = sum(r["vr_final"] < r["vr_initial"] for r in rows)
+    lines.append(f"| seeds whose distance fell (final epoch alone < before) | {fell1}/{S} |")
+    for key in [k for k in history[0] if k.startswith("hidden")]:
+        what = ("mean spikes per neuron and pattern" if key.endswith("spikes")
+                else "fraction of neurons silent for every pattern")
+        l_ = key[len("hidden"):].split("_")[0]
+        a0 = mean_ci([r[f"{key}_initial"] for r in rows])[0]
+        a1 = mean_ci([r[f"{key}_final"] for r in rows])[0]
+        lines.append(f"| hidden layer {l_}: {what}, before -> final (mean over seeds) | "
+                     f"{a0:.2f} -> {a1:.2f} |")
     if cfg.task.kind == "xor":
         lines.append(f"| XOR accuracy, final (mean over seeds) | "
                      f"{np.mean([r['xor_correct_final'] for r in rows]):.3f} |")
     lines += ["", "Final = the epoch training stopped at (convergence, or the last epoch). "
               f"van Rossum: tau = {cfg.train.vr_tau}, sqrt of (1/tau) int (f-g)^2 dt, averaged "
-              f"over patterns and outputs (one lone spike = 0.707). Tolerance {cfg.train.tolerance}.",
-              "", "| seed | converged | epochs | vR before | vR final | matched before | matched final |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              f"over patterns and outputs (one lone spike = 0.707). Tolerance {cfg.train.tolerance}. "
+              f"Fell: the mean distance over the last {win} epochs (train.fall_window) is below "
+              "the distance before training (epoch 0). vR silent: the distance a silent output "
+              "would have.",
+              "", f"| seed | converged | epochs | vR before | vR final | vR last {win} | fell | "
+              f"vR silent | matched before | matched final | matched last {win} |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        ref = f"{r['vr_silent_output']:.3f}" if "vr_silent_output" in r else ""
         lines.append(f"| {r['seed']} | {r['converged']} | {r['epochs_to_convergence']} | "
-                     f"{r['vr_initial']:.3f} | {r['vr_final']:.3f} | "
-                     f"{r['frac_matched_initial']:.3f} | {r['frac_matched_final']:.3f} |")
+                     f"{r['vr_initial']:.3f} | {r['vr_final']:.3f} | {r['vr_last_window']:.3f} | "
+                     f"{'yes' if r['fell'] else 'no'} | {ref} | "
+                     f"{r['frac_matched_initial']:.3f} | {r['frac_matched_final']:.3f} | "
+                     f"{r['frac_matched_last_window']:.3f} |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -548,7 +676,7 @@ def write_records(cfg, seeds, history, W, conv_epoch, out_spikes, y, out: Path, 
             "output_steps_pattern_neuron": np.argwhere(out_spikes[:, s]),
             "target_steps_pattern_neuron": np.argwhere(y[:, s]),
             "dt_s": np.array(float(cfg.neuron.dt / second))})
-    rows, md = summarise(cfg, seeds, history, conv_epoch)
+    rows, md = summarise(cfg, seeds, history, conv_epoch, y)
     md += (f"\nCommand: `{command}`; wall time {wall:.0f} s, CPU time {cpu:.0f} s (all seeds at "
            f"once, one process; wall time on a shared machine).\n")
     atomic_write_bytes(out / "summary.csv", _csv_bytes(rows))
