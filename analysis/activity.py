@@ -1,0 +1,102 @@
+"""Does every layer of a pre-trained network fire? Spikes per image, layer by layer.
+
+Loads the conv layers of a ``pretrained.npz`` (protocols/pretrain.py), fills the FC layers with
+the study's seeded initialisation, and simulates images of the training set with the batched
+trainer's forward pass (the same equations as the Brian2 model, tested spike for spike) at each
+input rate × presentation length asked for. Prints, per condition, the mean spikes per image of
+every layer and per conv layer the kernel statistics (RMS, fraction at a bound, fraction
+positive, mean threshold).
+
+Run::
+
+    MNIST_DIR=... python -m analysis.activity runs/pre_deep/pretrained.npz \\
+        --topology 28x28-20C5-2P-50C5-2P-200FC-10FC --rates 250 1000 --durations 25 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
+                   dataset: str = "mnist", n_images: int = 200, seed: int = 0,
+                   data_dir: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(one row per rate × duration with spikes per image per layer, one row per conv layer
+    with its kernel statistics)."""
+    from brian2 import Hz, ms
+
+    from models.batched import forward, layer_names
+    from models.initialisation import initialise
+    from models.topology import parse_topology
+    from protocols.datasets import load_dataset
+    from protocols.diagnostics import layer_labels
+    from protocols.encoding import poisson_spikes
+    from protocols.study import load_pretrained_conv
+    from protocols.train import rng_for
+
+    layers = parse_topology(topology)
+    pretrained, _ = load_pretrained_conv(pretrained_file, topology)
+    params = initialise(layers, rng_for(seed, 0))
+    kernels = []
+    for name, p in zip(layer_names(layers), params):
+        if name and name.startswith("conv"):
+            p.weights = np.asarray(pretrained[f"{name}_kernels"], dtype=np.float32)
+            p.thresholds = np.asarray(pretrained[f"{name}_thresholds"], dtype=np.float32)
+            w = p.weights.astype(float)
+            kernels.append({"layer": name, "kernel_rms": float(np.sqrt(np.mean(w ** 2))),
+                            "at_bound": float(np.mean(np.abs(w) > 0.9)),
+                            "positive": float(np.mean(w > 0)), "kernel_mean": float(w.mean()),
+                            "threshold_mean": float(p.thresholds.mean())})
+    data = load_dataset(dataset, data_dir)
+    images = data.train_images[:n_images]
+    labels = ["input"] + [label for label in layer_labels(layers)[1:]]
+    rows = []
+    for rate in rates_hz:
+        for duration in durations_ms:
+            x = poisson_spikes(images, duration * ms, np.random.default_rng(seed), rate * Hz)
+            out = forward(layers, params, x, tau_p=20.0, keep_spikes=False,
+                          record_trace_m=False)
+            row = {"rate_hz": rate, "duration_ms": duration}
+            row.update({label: float(c.sum()) / len(images) for label, c in zip(labels, out.count)})
+            rows.append(row)
+    return rows, kernels
+
+
+def main(argv=None) -> int:
+    import pandas as pd
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.activity",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("pretrained", help="pretrained.npz of protocols.pretrain")
+    parser.add_argument("--topology", required=True)
+    parser.add_argument("--rates", type=float, nargs="+", default=[250.0, 1000.0],
+                        help="input max rates in Hz (pre-training uses 250, fine-tuning 1000)")
+    parser.add_argument("--durations", type=float, nargs="+", default=[25.0, 50.0],
+                        help="presentation lengths in ms")
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--images", type=int, default=200, help="first n training images")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args(argv)
+    from protocols.config import ConfigError
+    from protocols.datasets import DatasetError
+    from protocols.records import NpzError
+
+    try:
+        rows, kernels = layer_activity(args.topology, args.pretrained, args.rates,
+                                       args.durations, args.dataset, args.images,
+                                       data_dir=args.data_dir)
+    except (ConfigError, DatasetError, NpzError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("spikes per image, by layer")
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"))
+    print("\nconv kernels")
+    print(pd.DataFrame(kernels).to_markdown(index=False, floatfmt=".3g"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""analysis.activity: spikes per image per layer of a pre-trained network, and kernel statistics."""
+
+import numpy as np
+import pytest
+
+from analysis.activity import layer_activity, main
+from protocols.datasets import load_dataset
+from protocols.encoding import intensities
+from protocols.records import atomic_savez
+
+TOPOLOGY = "28x28-2C5-2P-3C3-2P-10FC"
+
+
+def _pretrained(tmp_path, conv2_sign: float):
+    k1 = np.zeros((2, 1, 5, 5), np.float32)
+    k1[:, :, 1:4, 1:4] = 1.0  # fire on ink: 9 bright pixels give 9 per step
+    k2 = np.full((3, 2, 3, 3), conv2_sign, np.float32)
+    path = tmp_path / "pretrained.npz"
+    atomic_savez(path, {"conv1_kernels": k1, "conv1_thresholds": np.full(2, 2.0, np.float32),
+                        "conv2_kernels": k2, "conv2_thresholds": np.full(3, 0.5, np.float32)})
+    return path
+
+
+def test_input_spikes_follow_the_rate_and_a_negative_layer_stays_silent(tmp_path):
+    rows, kernels = layer_activity(TOPOLOGY, _pretrained(tmp_path, -0.5), [250.0, 1000.0],
+                                   [20.0], dataset="mnist-5k", n_images=50)
+    images = load_dataset("mnist-5k").train_images[:50]
+    expected = intensities(images).sum(axis=(1, 2)).mean()  # spikes per step at 1 kHz, dt 1 ms
+    for row in rows:
+        assert row["input"] == pytest.approx(expected * row["rate_hz"] / 1000 * 20, rel=0.05)
+        assert row["conv1"] > 0 and row["pool1"] > 0
+        assert row["conv2"] == 0 and row["fc1"] == 0  # all-negative kernels never reach threshold
+    assert rows[1]["conv1"] > rows[0]["conv1"]  # 4x the input rate
+    conv2 = next(k for k in kernels if k["layer"] == "conv2")
+    assert conv2["positive"] == 0 and conv2["kernel_mean"] == pytest.approx(-0.5)
+    assert conv2["kernel_rms"] == pytest.approx(0.5) and conv2["threshold_mean"] == pytest.approx(0.5)
+    conv1 = next(k for k in kernels if k["layer"] == "conv1")
+    assert conv1["at_bound"] == pytest.approx(9 / 25) and conv1["positive"] == pytest.approx(9 / 25)
+    rows, _ = layer_activity(TOPOLOGY, _pretrained(tmp_path, 0.5), [1000.0], [20.0],
+                             dataset="mnist-5k", n_images=50)
+    assert rows[0]["conv2"] > 0
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "none.npz"), "--topology", TOPOLOGY, "--dataset", "mnist-5k"]) == 2
+    assert "does not exist" in capsys.readouterr().err
