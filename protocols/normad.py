@@ -134,8 +134,9 @@ class TrainConfig:
     #: the target rate makes "before training" a net that fires as often as it should, at
     #: random times, instead of a silent or bursting one). Why: with a fixed N(mean, std)
     #: the last hidden layer's activity depended on the seed's inputs (0.25-4 spikes per neuron
-    #: and pattern in the mapping task) and seeds whose layer was near silent could not learn
-    #: (docs/normad.md, "Mapping: diagnosis").
+    #: and pattern in the mapping task; the near-silent seeds did not learn with the old 12 -> 12
+    #: net) and the output started anywhere from silent to bursting (docs/normad.md, "Mapping:
+    #: diagnosis").
     init_rate_Hz: tuple[float, ...] = ()
     #: [choice] step-size schedule: the rate of every layer at epoch e (0-based update index) is
     #: rate_nA / (1 + e / rate_decay_epochs); 0 = constant (the default, and what every
