@@ -50,6 +50,10 @@ def test_iso_accuracy_and_paired_differences():
     assert stdp == [1, 1, 1]
     km = iso[iso.method == "kmeans"].sort_values("seed").epochs_to_target.tolist()
     assert np.isnan(km[0]) and np.isnan(km[1]) and km[2] == 2
+    # common target: the lower mean best accuracy, k-means' 0.42 again here
+    common = iso_accuracy(table, target="common")
+    assert common.target.iloc[0] == pytest.approx(0.42)
+    assert iso_accuracy(table, target=0.5).query("method == 'stdp'").epochs_to_target.tolist() == [1, 1, 1]
     diff = paired_difference(table, "accuracy")
     assert diff.accuracy_diff_mean.round(6).tolist() == [0.0, 0.15, 0.2]
     assert epochs_to_accuracy(table[table.run == "s0"], 0.55) == 2
