@@ -116,6 +116,14 @@ def _unit_thresholds(layer, value, index: int) -> np.ndarray:
                        f"got shape {value.shape}")
 
 
+def _stdp_offset(stdp, layers, index: int) -> str:
+    """STDPParameters.offset of conv layer ``index``: its entry by conv-layer rank, the last
+    entry for layers beyond the list."""
+    rank = sum(isinstance(layer, ConvLayer) for layer in layers[1:index])
+    offsets = stdp.offset if stdp is not None else ("constant",)
+    return offsets[min(rank, len(offsets) - 1)]
+
+
 def _schedule(obj, order: int) -> None:
     obj.when = "thresholds"
     obj.order = order
@@ -236,8 +244,10 @@ def build_network(
             syn = synapses.pool_synapses(groups[-1], group, layer, pool.weight, f"{name}_in")
         else:
             vth = _unit_thresholds(layer, thresholds[index], index)
+            offset = _stdp_offset(stdp, layers, index) if plastic else "constant"
             group = neurons.lif_group(n, lif, vth, name, with_theta=plastic,
-                                      track_lastspike=index in track)
+                                      track_lastspike=index in track,
+                                      window_trace=offset == "window_mean")
             w = weights[index]
             if w is None:
                 raise NetworkError(f"layer {index} ({layer.kind}) of {topology!r} needs weights")
@@ -246,7 +256,7 @@ def build_network(
                 kernels[index] = kernel
                 objects.append(kernel)
                 syn = synapses.conv_synapses(groups[-1], group, layer, kernel, f"{name}_in",
-                                             stdp=stdp if plastic else None)
+                                             stdp=stdp if plastic else None, offset=offset)
             else:
                 syn = synapses.fc_synapses(groups[-1], group, layer, w, f"{name}_in")
         _schedule(syn.pre, base)
@@ -260,10 +270,12 @@ def build_network(
             _schedule(hsyn.pre, base + 2)
             # theta rises after the reset: a subtract reset removes the tested threshold
             hsyn.raise_theta.when, hsyn.raise_theta.order = "end", base + 2
-            _schedule(syn.post, base + 3)
+            if offset == "window_mean":  # the traces' sum first, then the updates that use it
+                _schedule(syn.gather, base + 3)
+            _schedule(syn.post, base + 4)
             avg = synapses.kernel_averaging(kernels[index], mgroup, layer, stdp, "thresholds",
-                                            base + 4)
-            clear = mgroup.run_regularly("nspk = 0", when="thresholds", order=base + 5,
+                                            base + 5)
+            clear = mgroup.run_regularly("nspk = 0", when="thresholds", order=base + 6,
                                          name=f"{name}_maps_clear")
             maps[index] = mgroup
             objects += [mgroup, hsyn, avg, clear]

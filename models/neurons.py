@@ -79,6 +79,7 @@ def lif_group(
     with_theta: bool = False,
     track_lastspike: bool = False,
     clock=None,
+    window_trace: bool = False,
 ) -> NeuronGroup:
     """A group of ``n`` LIF units with per-unit base threshold ``v_th`` (scalar or ``(n,)``).
 
@@ -87,15 +88,20 @@ def lif_group(
     which a downstream STDP synapse reads as its pre-synaptic trace (refractory period 0:
     the unit may fire in every step). ``clock``: run on this Brian2 ``Clock`` (e.g.
     ``defaultclock`` for brian2genn, which supports a single clock) instead of a clock of
-    ``lif.dt``.
+    ``lif.dt``. ``window_trace`` adds ``xsum`` (reset to 0 with the membrane), the sum of input
+    traces that STDP's ``window_mean`` offset gathers at a spike.
     """
     eqs = LIF_THETA_EQS if with_theta else LIF_EQS
+    reset = _reset(lif, with_theta)
+    if window_trace:  # the STDP offset's sum of input traces, gathered at this unit's spikes
+        eqs += "xsum : 1\n"
+        reset += "\nxsum = 0"
     threshold = "v >= v_th + theta" if with_theta else "v >= v_th"
     group = NeuronGroup(
         n,
         eqs,
         threshold=threshold,
-        reset=_reset(lif, with_theta),
+        reset=reset,
         refractory=0 * lif.dt if track_lastspike else False,
         method="exact",
         namespace={"tau_m": lif.tau_m},

@@ -165,10 +165,22 @@ class STDPParameters:
     #: [recon] "spiking": average over the positions of a map that fired in this step [paper];
     #: "all": divide the summed update by the number of positions (constant factor)
     averaging: str = "spiking"
+    #: [recon] the offset subtracted from x_pre, one entry per conv layer (the last one serves
+    #: every deeper layer): "constant" (chi_offset) or "window_mean" (the mean x_pre over the
+    #: firing unit's C·k·k inputs at that spike, a covariance form: the kernel's mean stays,
+    #: only which inputs preceded the spike is learned). A constant offset is balanced for
+    #: dense pixel input but depression-dominated on sparse pooled spikes, where it silences
+    #: the deep net's conv 2 (docs/pretraining.md); ("constant",) keeps the paper's form.
+    offset: tuple[str, ...] = ("constant",)
 
     def __post_init__(self):
         _check(self)
         _check_choice(self, "averaging", ("spiking", "all"))
+        if isinstance(self.offset, str) or not self.offset or any(
+                o not in ("constant", "window_mean") for o in self.offset):
+            raise ParameterError("STDPParameters.offset must be a non-empty list of "
+                                 "'constant' / 'window_mean', one per conv layer (the last "
+                                 f"serves deeper layers); got {self.offset!r}")
         if self.tau_pre <= 0 * ms:
             raise ParameterError("STDPParameters.tau_pre must be positive")
         if not self.w_min < self.w_max:

@@ -49,6 +49,39 @@ def test_one_pre_post_pair_gives_the_analytic_update(tau_pre, sign):
     assert got[4] > w0[4] and got[8] < w0[8]  # same-step pre potentiates, silent pre depresses
 
 
+def test_window_mean_offset_subtracts_the_mean_trace_of_the_firing_units_inputs():
+    """offset "window_mean": Δw_i = η (x_i − ⟨x⟩)(w_max − w_i)(w_i − w_min) with ⟨x⟩ the mean of
+    the 9 inputs' traces at the post spike (pixel 0 three steps earlier, pixel 4 in the step)."""
+    stdp = STDPParameters(tau_pre=10 * ms, eta=0.1, offset=("window_mean",))
+    sn, kernels, table = _pair_network(stdp)
+    sn.stimulus.values[:] = table
+    sn.net.run(10 * ms)
+    assert np.nonzero(sn.spike_arrays(10)[1])[0].tolist() == [5]
+    x = np.zeros(9)
+    x[0] = math.exp(-3 / 10)
+    x[4] = 1.0
+    w0 = kernels.ravel()
+    expected = w0 + stdp.eta * (x - x.mean()) * (stdp.w_max - w0) * (w0 - stdp.w_min)
+    np.testing.assert_allclose(sn.kernel_array(1).ravel(), expected, rtol=0, atol=1e-14)
+    # unlike chi_offset = 0.5, silent inputs are only nudged: by eta * <x> * bounds
+    assert expected[8] - w0[8] == pytest.approx(-0.1 * x.mean() * (1 - w0[8]) * (w0[8] + 1))
+
+
+def test_offset_is_chosen_per_conv_layer_and_validated():
+    from models.network import _stdp_offset
+    from models.parameters import ParameterError
+    from models.topology import parse_topology
+
+    layers = parse_topology("28x28-4C5-2P-6C3-2P-8C3-10FC")
+    stdp = STDPParameters(offset=("constant", "window_mean"))
+    assert [_stdp_offset(stdp, layers, i) for i in (1, 3, 5)] == \
+        ["constant", "window_mean", "window_mean"]  # the last entry serves deeper layers
+    assert _stdp_offset(STDPParameters(), layers, 5) == "constant"
+    for bad in ("window_mean", (), ("mean",)):
+        with pytest.raises(ParameterError, match="offset"):
+            STDPParameters(offset=bad)
+
+
 @pytest.mark.parametrize("averaging, divisor", [("spiking", 2), ("all", 3)])
 def test_updates_of_simultaneously_firing_positions_are_averaged(averaging, divisor):
     """1x4 input, 1x2 kernel [a, b] -> 3 positions; positions 0 and 1 fire at step 5."""
