@@ -7,7 +7,7 @@
 * :func:`epochs_to_accuracy`: the first epoch at which a run reaches a target accuracy
   (iso-accuracy convergence), NaN if never.
 * :func:`report`: per-epoch curves (mean ± 95 % CI over seeds) and tables of a set of Deep-STDP
-  runs: ``python -m analysis.clustering runs/deep_stdp_mnist --out results/deep_stdp_mnist``.
+  runs: ``python -m analysis.clustering results/deep_stdp/runs --out results/deep_stdp``.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def report(root: Path, out: Path) -> dict:
     table, skipped = load_runs(root)
     if table.empty:
         raise ValueError(f"{root}: no finished Deep-STDP runs (metrics.csv + status.json "
-                         f"'finished'); run python -m protocols.deep_stdp_sweep first")
+                         f"'finished'); run python -m protocols.deep_stdp --sweep first")
     out.mkdir(parents=True, exist_ok=True)
     columns = [c for c in ("accuracy", "nmi", "ari", "fisher_trace") if c in table]
     summ = summary(table, columns)

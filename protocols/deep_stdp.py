@@ -21,7 +21,7 @@ features of the random network) and the training that follows it.
 Run::
 
     python -m protocols.deep_stdp --config configs/deep_stdp_quick.toml
-    python -m protocols.deep_stdp --sweep configs/deep_stdp_sweep_mnist.toml --workers 2
+    python -m protocols.deep_stdp --sweep configs/deep_stdp_sweep.toml --workers 2
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ class DeepSTDPConfig:
 
     method: Method = "stdp"
     dataset: str = "mnist-5k"
-    #: [choice] ConvNet: two conv layers and a 64-unit feature layer; the head's size is the
-    #: number of clusters (the last FC layer must equal n_clusters)
-    topology: str = "28x28-16C5-2P-32C5-2P-64FC-10FC"
+    #: [choice] ConvNet: two small conv layers and a 32-unit feature layer, sized for 2 CPU
+    #: cores; the head's size is the number of clusters (the last FC layer must equal n_clusters)
+    topology: str = "28x28-8C5-2P-16C5-2P-32FC-10FC"
     seed: int = 0
     epochs: int = 10
     #: [choice] training images used (0: all); the first n of a seeded permutation, so the
@@ -89,8 +89,9 @@ class DeepSTDPConfig:
     train_images: int = 0
     #: [paper] 10 clusters for 10 classes (the paper's 10-class subset)
     n_clusters: int = 10
-    #: [choice] 32 PCA dimensions (DeepCluster: 256 for 4,096 features; here 64 features)
-    pca_dim: int = 32
+    #: [choice] 16 PCA dimensions: half the 32 features, as DeepCluster keeps the leading
+    #: directions (256 of 4,096)
+    pca_dim: int = 16
     #: [choice] images the WTA learns on per epoch (0: all training images), in seeded order
     stdp_images: int = 0
     #: [choice] passes of STDP learning over those images
@@ -386,7 +387,7 @@ def _main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="one run (configs/deep_stdp_*.toml)")
-    what.add_argument("--sweep", help="a sweep (configs/deep_stdp_sweep_*.toml)")
+    what.add_argument("--sweep", help="a sweep (configs/deep_stdp_sweep.toml)")
     parser.add_argument("--seed", type=int, help="override the run's seed")
     parser.add_argument("--method", choices=("stdp", "kmeans"), help="override the run's method")
     parser.add_argument("--out", help="override the output folder")

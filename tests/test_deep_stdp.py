@@ -20,7 +20,7 @@ def test_hungarian_accuracy_hand_computed():
     labels = np.array([1, 1, 0, 0, 2, 2])
     # best map: 0 -> 1 (2 right), 1 -> 0 (2 right), 2 -> 2 (1 right): 5 of 6
     assert hungarian_accuracy(clusters, labels) == pytest.approx(5 / 6)
-    # a greedy majority map would send clusters 1 and 2 both to ... ; one-to-one matters:
+    # one-to-one matters: a majority vote would map both clusters to class 0 (4 of 6)
     clusters = np.array([0, 0, 0, 1, 1, 1])
     labels = np.array([0, 0, 1, 0, 0, 1])
     assert hungarian_accuracy(clusters, labels) == pytest.approx(3 / 6)  # 0->0 (2) + 1->1 (1)
