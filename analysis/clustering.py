@@ -193,6 +193,9 @@ def curves_figure(table: pd.DataFrame, column: str, label: str):
 
 
 def report(root: Path, out: Path) -> dict:
+    """Tables and figures of the runs under ``root``; the comparisons (paired differences,
+    iso-accuracy) only where both methods, stdp and kmeans, are there."""
+    from analysis.figures import save
     from analysis.report import write_table
 
     table, skipped = load_runs(root)
@@ -201,21 +204,19 @@ def report(root: Path, out: Path) -> dict:
                          f"'finished'); run python -m protocols.deep_stdp --sweep first")
     out.mkdir(parents=True, exist_ok=True)
     columns = [c for c in ("accuracy", "nmi", "ari", "fisher_trace") if c in table]
-    summ = summary(table, columns)
-    write_table(summ, out, "summary")
-    iso = iso_accuracy(table)
-    write_table(iso, out, "iso_accuracy_runs")
-    write_table(iso_summary(iso), out, "iso_accuracy")
-    common = iso_accuracy(table, target="common")
-    write_table(common, out, "iso_accuracy_common_runs")
-    write_table(iso_summary(common), out, "iso_accuracy_common")
-    for c in ("accuracy", "nmi"):
-        write_table(paired_difference(table, c), out, f"paired_{c}")
-    if "fisher_trace" in table:
-        write_table(paired_difference(table.dropna(subset=["fisher_trace"]), "fisher_trace"),
-                    out, "paired_fisher_trace")
-    from analysis.figures import save
-
+    write_table(summary(table, columns), out, "summary")
+    if {"stdp", "kmeans"} <= set(table.method):
+        iso = iso_accuracy(table)
+        write_table(iso, out, "iso_accuracy_runs")
+        write_table(iso_summary(iso), out, "iso_accuracy")
+        common = iso_accuracy(table, target="common")
+        write_table(common, out, "iso_accuracy_common_runs")
+        write_table(iso_summary(common), out, "iso_accuracy_common")
+        for c in ("accuracy", "nmi"):
+            write_table(paired_difference(table, c), out, f"paired_{c}")
+        if "fisher_trace" in table:
+            write_table(paired_difference(table.dropna(subset=["fisher_trace"]), "fisher_trace"),
+                        out, "paired_fisher_trace")
     for c, label in (("accuracy", "clustering accuracy (Hungarian)"), ("nmi", "NMI"),
                      ("ari", "ARI"), ("fisher_trace", "trace of Fisher information")):
         if c in table:

@@ -157,3 +157,30 @@ def test_tiny_end_to_end_run_on_mnist_5k(tmp_path, method):
     mtime = (tmp_path / "a" / "metrics.csv").stat().st_mtime
     run(cfg, progress=False)
     assert (tmp_path / "a" / "metrics.csv").stat().st_mtime == mtime
+
+
+def test_report_reads_finished_runs_and_leaves_out_the_rest(tmp_path):
+    from analysis.clustering import report
+
+    for method in ("stdp", "kmeans"):
+        for seed in (0, 1):
+            run_dir = tmp_path / "runs" / method / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            acc = [0.3, 0.4] if method == "stdp" else [0.5, 0.45]
+            pd.DataFrame({"epoch": [0, 1], "accuracy": np.add(acc, 0.01 * seed),
+                          "nmi": [0.2, 0.3], "ari": [0.1, 0.2],
+                          "fisher_trace": [5.0, 4.0]}).to_csv(run_dir / "metrics.csv", index=False)
+            (run_dir / "config.json").write_text(json.dumps(
+                {"config": {"method": method, "dataset": "d", "seed": seed}}))
+            (run_dir / "status.json").write_text(json.dumps({"status": "finished"}))
+    broken = tmp_path / "runs" / "stdp" / "seed9"
+    broken.mkdir()
+    (broken / "metrics.csv").write_text("epoch,accuracy\n0,0.1\n")
+    (broken / "status.json").write_text(json.dumps({"status": "running"}))
+    result = report(tmp_path / "runs", tmp_path / "out")
+    assert result["runs"] == 4 and len(result["skipped"]) == 1 and "seed9" in result["skipped"][0]
+    paired = pd.read_csv(tmp_path / "out" / "paired_accuracy.csv")
+    assert paired.accuracy_diff_mean.round(6).tolist() == [-0.2, -0.05]
+    iso = pd.read_csv(tmp_path / "out" / "iso_accuracy.csv")
+    assert set(iso.method) == {"stdp", "kmeans"}
+    assert (tmp_path / "out" / "curves_accuracy.png").exists()
