@@ -81,15 +81,19 @@ def _committed_configs():
 COMMANDS = {"sweep": ("protocols.sweep", "SweepConfig"),
             "study": ("protocols.study", "StudyConfig"),
             "pretrain": ("protocols.pretrain", "PretrainConfig"),
-            "normad": ("protocols.normad", "NormADRunConfig")}
+            "normad": ("protocols.normad", "NormADRunConfig"),
+            "deep_stdp": ("protocols.deep_stdp", "DeepSTDPConfig"),
+            "deep_stdp --sweep": ("protocols.deep_stdp", "DeepSTDPSweep")}
 
 
 @pytest.mark.parametrize("path", _committed_configs(), ids=lambda p: p.name)
 def test_every_committed_config_loads(path):
     """Each config under configs/ validates against the dataclass of the command it names (its
     ``python -m protocols.<command>`` line, else its file name's first word)."""
-    named = re.search(r"python -m protocols\.(\w+)", path.read_text())
+    named = re.search(r"python -m protocols\.(\w+)( --sweep)?", path.read_text())
     command = named.group(1) if named else path.name.split("_")[0]
+    if named and named.group(2):  # a command whose --sweep reads a grid of its runs
+        command += " --sweep"
     assert command in COMMANDS, f"{path.name} names no command of {sorted(COMMANDS)}"
     module, schema = COMMANDS[command]
     kind = getattr(importlib.import_module(module), schema)

@@ -76,7 +76,9 @@ def test_offset_is_chosen_per_conv_layer_and_validated():
     stdp = STDPParameters(offset=("constant", "window_mean"))
     assert [_stdp_offset(stdp, layers, i) for i in (1, 3, 5)] == \
         ["constant", "window_mean", "window_mean"]  # the last entry serves deeper layers
-    assert _stdp_offset(STDPParameters(), layers, 5) == "constant"
+    assert _stdp_offset(STDPParameters(offset=("constant",)), layers, 5) == "constant"
+    # the default: the paper's constant offset for conv 1, window_mean deeper
+    assert [_stdp_offset(STDPParameters(), layers, i) for i in (1, 3)] == ["constant", "window_mean"]
     for bad in ("window_mean", (), ("mean",)):
         with pytest.raises(ParameterError, match="offset"):
             STDPParameters(offset=bad)
