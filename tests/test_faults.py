@@ -116,7 +116,10 @@ def one_line(err: str, prefix: str) -> str:
 def test_ctrl_c_during_runtime_pretraining_writes_nothing_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     command = Command(tmp_path, write_config(tmp_path, out, arm="pretrained"))
-    command.wait_for("pre-training layer conv1", or_file=out / "pretrain" / "pretrain.toml")
+    # the message, or 60 s after the pre-training config appeared (a loaded machine can take
+    # that long to compile and start the batch loop; 10 s was too short under a full CI load)
+    command.wait_for("pre-training layer conv1", or_file=out / "pretrain" / "pretrain.toml",
+                     after_s=60.0)
     time.sleep(1.5)  # inside the batch loop of the runtime device
     command.proc.send_signal(signal.SIGINT)
     code, err = command.finish()
