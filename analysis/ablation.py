@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import stats
 from analysis.layer_diagnostics import diagnostics_figure, kernel_change
 from analysis.report import write_table
 from analysis.runs import load_runs
@@ -62,6 +63,8 @@ def per_run(table: pd.DataFrame, at: list[int], threshold: float = 0.02,
             until: int | None = None) -> pd.DataFrame:
     """One row per run; with ``until``, every number but the kernel change (from the run's
     last weights file, at ``kernels_at``) uses only iterations up to ``until``."""
+    shown = table if until is None else table[table["iteration"] <= until]
+    crossing = stats.iterations_to_threshold(shown, threshold).set_index("run")
     rows = []
     for (variant, arm, seed, run), full in table.groupby(["variant", "arm", "seed", "run"]):
         full = full.sort_values("iteration").set_index("iteration")
@@ -72,8 +75,7 @@ def per_run(table: pd.DataFrame, at: list[int], threshold: float = 0.02,
         for i in at:
             row[f"test_{i}"] = runs["test_error"].get(i, np.nan)
         row["best_test"] = runs["test_error"].min()
-        hit = runs.index[runs["test_error"] <= threshold]
-        row[f"iter_to_{threshold:g}"] = float(hit[0]) if len(hit) else np.nan
+        row[f"iter_to_{threshold:g}"] = crossing.loc[run, "iterations_to_threshold"]
         row["train_last"] = last["train_error"]
         row["conv1_change"] = kernel_change(full["run_dir"].iloc[0])
         row["kernels_at"] = int(full.index[-1])
@@ -158,10 +160,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}")
         return 2
-    if args.until is not None:
-        table_shown = table[table["iteration"] <= args.until]
-    else:
-        table_shown = table
+    table_shown = table if args.until is None else table[table["iteration"] <= args.until]
     runs = per_run(table, args.at, args.threshold, args.until)
     write_table(runs, args.out, "per_run")
     short = runs["iterations"] < max(args.at)

@@ -29,22 +29,20 @@ def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
     from brian2 import Hz, ms
 
     from models.batched import forward, layer_names
-    from models.initialisation import initialise
     from models.topology import parse_topology
     from protocols.datasets import load_dataset
     from protocols.diagnostics import layer_labels
     from protocols.encoding import poisson_spikes
-    from protocols.study import load_pretrained_conv
-    from protocols.train import rng_for
+    from protocols.study import StudyConfig, initial_parameters, load_pretrained_conv
 
     layers = parse_topology(topology)
     pretrained, _ = load_pretrained_conv(pretrained_file, topology)
-    params = initialise(layers, rng_for(seed, 0))
+    # the study's own start of a pre-trained run: seeded FC layers, the pre-trained conv layers
+    params = initial_parameters(StudyConfig(topology=topology, arm="pretrained", seed=seed),
+                                pretrained)
     kernels = []
     for name, p in zip(layer_names(layers), params):
         if name and name.startswith("conv"):
-            p.weights = np.asarray(pretrained[f"{name}_kernels"], dtype=np.float32)
-            p.thresholds = np.asarray(pretrained[f"{name}_thresholds"], dtype=np.float32)
             w = p.weights.astype(float)
             kernels.append({"layer": name, "kernel_rms": float(np.sqrt(np.mean(w ** 2))),
                             "at_bound": float(np.mean(np.abs(w) > 0.9)),
@@ -52,7 +50,7 @@ def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
                             "threshold_mean": float(p.thresholds.mean())})
     data = load_dataset(dataset, data_dir)
     images = data.train_images[:n_images]
-    labels = ["input"] + [label for label in layer_labels(layers)[1:]]
+    labels = ["input"] + layer_labels(layers)[1:]
     rows = []
     for rate in rates_hz:
         for duration in durations_ms:

@@ -14,7 +14,8 @@ from protocols.encoding import poisson_spikes
 pytestmark = pytest.mark.gpu
 
 
-def _cupy():
+def require_cupy():
+    """CuPy with a usable CUDA GPU, else skip the calling test (also used by test_lif_backends)."""
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
@@ -28,7 +29,7 @@ def _cupy():
 def test_forward_and_backward_on_cupy_equal_numpy(backend):
     """On CuPy, the array-op loop ('xp') and the fused recurrence ('auto') give NumPy's spikes,
     counts and traces exactly, and the backward pass its gradients (float64)."""
-    cupy = _cupy()
+    cupy = require_cupy()
     layers = parse_topology("12x12-4C3-2P-6FC-3FC")
     params = initialise(layers, np.random.default_rng(0), "lee", InitParameters(alpha=1.0),
                         dtype=np.float64)
@@ -65,7 +66,7 @@ def test_fused_cuda_recurrence_equals_array_loop(reset, dtype):
     from models.batched import _traces_from_spikes, lif_run
     from models.batched_cuda import lif_run_cuda, traces_cuda
 
-    cupy = _cupy()
+    cupy = require_cupy()
     rng = np.random.default_rng(3)
     T, B, N = 40, 6, 257
     current = (rng.random((T, B, N)) * 0.6).astype(dtype)
@@ -100,7 +101,7 @@ def test_training_loop_on_cupy_equals_numpy(tmp_path, backend):
     from protocols.datasets import load_dataset
     from protocols.train import TrainConfig, TrainingSettings, rng_for, train
 
-    _cupy()
+    require_cupy()
     data = load_dataset("mnist-5k")
     frames = {}
     for module in ("numpy", "cupy"):

@@ -44,6 +44,7 @@ from models import batched
 from models.batched import LayerParams, fc_current_cl, forward, lif_run
 from models.parameters import LIFParameters
 from models.topology import parse_topology
+from test_cupy import require_cupy  # CuPy with a usable GPU, else skip
 
 RESETS = ("zero", "subtract")
 TAU_M_MS = (5.0, 20.0, 100.0)
@@ -129,17 +130,6 @@ def _brian2(reset: str, tau_m_ms: float, dt_ms: float):
     return out
 
 
-def _cupy():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x): "
-                                              "no CUDA backend to compare")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy is installed but no CUDA GPU is visible")
-    except cupy.cuda.runtime.CUDARuntimeError as err:
-        pytest.skip(f"CuPy is installed but CUDA is unusable here: {err}")
-    return cupy
-
-
 class _PreResetRecorder:
     """An array module for :func:`lif_run` that records the membrane at each threshold test.
 
@@ -199,7 +189,7 @@ def _run_backend(backend: str, lif: LIFParameters, dtype):
         result = forward(layers, params, x, lif, dtype=dtype, backend="xp" if backend == "numpy"
                          else "numba")
     else:
-        xp = _cupy()
+        xp = require_cupy()
         params = [None, LayerParams(xp.asarray(weights), xp.asarray(thresholds))]
         result = forward(layers, params, xp.asarray(x), lif, xp=xp, dtype=dtype,
                          backend="auto" if backend == "cuda" else "xp")
@@ -327,7 +317,7 @@ def test_conv_pool_fc_chain_equals_brian2(reset, backend):
         result = forward(layers, params, x, lif, dtype=np.float64,
                          backend="xp" if backend == "numpy" else "numba")
     else:
-        xp = _cupy()
+        xp = require_cupy()
         gpu_params = [None if p is None else LayerParams(xp.asarray(p.weights),
                                                          xp.asarray(p.thresholds))
                       for p in params]
