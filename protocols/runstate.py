@@ -423,10 +423,7 @@ def cli(body, argv=None) -> int:
     except DatasetError as err:
         line("data error", err)
         return 2
-    except ConfigError as err:
-        line("configuration error", err)
-        return 2
-    except ValueError as err:
+    except (ConfigError, ValueError) as err:
         line("configuration error", err)
         return 2
     except RuntimeError as err:
