@@ -19,7 +19,7 @@ mini-batch of 100 real MNIST images at T = 50 steps (the later-epoch presentatio
 Run::
 
     python benchmarks/bench_trainer.py [--iterations 10] [--batch 100] [--steps 50] [--json out.json]
-        [--array-module cupy]
+        [--array-module cupy] [--blas-threads 1]
         [--topology T --weights runs/x/final.npz ...]
 
 MNIST is read through protocols.datasets (set MNIST_DIR); ``--synthetic`` uses random images of
@@ -49,6 +49,7 @@ from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
 from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
 from protocols.encoding import poisson_spikes  # noqa: E402
+from protocols.train import TrainingSettings, blas_limit  # noqa: E402
 from benchmarks.reference import sgemm_gflops  # noqa: E402
 
 
@@ -135,6 +136,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", action="append",
                         help="trained weights (final.npz / checkpoint.npz of a run), one per "
                              "--topology; 'init' or default: the Lee initialisation")
+    parser.add_argument("--blas-threads", type=int, default=TrainingSettings().blas_threads,
+                        help="BLAS threads during the benchmark, as the trainer's "
+                             "training.blas_threads (default %(default)s; 0: the BLAS "
+                             "library's own setting)")
     parser.add_argument("--array-module", choices=("numpy", "cupy"), default="numpy",
                         help="where the trainer's arrays live (cupy: on the GPU, with the fused "
                              "CUDA recurrence; the reference is then the GPU's float32 sgemm)")
@@ -165,13 +170,18 @@ def main(argv=None) -> int:
     if len(weights) != len(topologies):
         parser.error("give one --weights per --topology")
     for topo, w in zip(topologies, weights):
-        r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp)
+        with blas_limit(args.blas_threads):
+            r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp)
+        r["blas_threads"] = args.blas_threads
         r["array_module"] = args.array_module
         r["weights"] = w if w and w != "init" else "initialisation"
         r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
         results.append(r)
     gemm_after = reference()
+    import numba
+
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "numba_threads": numba.get_num_threads(),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if xp is not np:
         machine.update(gpu_versions(xp))  # CuPy, CUDA runtime, GPU name

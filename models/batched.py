@@ -299,8 +299,8 @@ def forward(
             th = xp.ascontiguousarray(xp.asarray(p.thresholds, dtype=dtype).reshape(-1))
             th = xp.broadcast_to(th.reshape(1, 1, -1), layer.shape[1:] + (layer.n_maps,))
             th = xp.ascontiguousarray(th).reshape(-1)  # over (Ho, Wo, M)
-            if use_numba:  # (k, k, C, M): a presynaptic spike adds a contiguous row of M
-                prepared.append((np.ascontiguousarray(w.transpose(2, 3, 1, 0)), th))
+            if use_numba:  # (k, C, k, M), dx reversed: see _conv_layer_numba
+                prepared.append((np.ascontiguousarray(w.transpose(2, 1, 3, 0)[:, :, ::-1]), th))
             else:  # (C·k·k, M) im2col weight matrix
                 prepared.append((xp.ascontiguousarray(w.reshape(layer.n_maps, -1).T), th))
         elif isinstance(layer, FCLayer):
@@ -371,6 +371,7 @@ def forward(
                 flags = (tm is not None, tp is not None)
                 tm_arg = tm if tm is not None else cnt  # placeholders, never written
                 tp_arg = tp if tp is not None else cnt
+                s = s.view(np.uint8)  # the kernels read spikes as bytes
                 if isinstance(layer, ConvLayer):
                     _conv_layer_numba(s, weights, th, decay, subtract, dp, flags, out,
                                       cnt, tm_arg, tp_arg)
@@ -535,10 +536,14 @@ def _traces_from_spikes(s, decay_m, decay_p, count, trace_m, trace_p, xp, use_nu
 
 if _HAVE_NUMBA:
     # Fused, event-driven layer kernels: one image per work item, all T steps, state in cache.
-    # Currents are accumulated from the presynaptic spikes of the step (a spike adds its row of
-    # weights), then the LIF update of _lif_step runs over the layer; spikes and traces are
-    # written out. Plain float arithmetic in the array's dtype (no fastmath, no FMA contraction),
-    # as in the array-module path.
+    # At each step the presynaptic spikes are listed (_spike_indices) and each adds its row of
+    # weights to the currents; the membrane update (_lif_membrane) runs over the layer; the
+    # layer's own spikes are listed again and only their units' count and traces are updated
+    # (_record_spikes, _finish_traces: the same float operations as the per-step recurrence, so
+    # the results are bit for bit those of the array-module path). Plain float arithmetic in the
+    # array's dtype (no fastmath, no FMA contraction). Measured on the trained shallow net
+    # (1 thread, MNIST, T = 50, batch 100; CPU time): the forward pass went from 154 ms to
+    # 107 ms per batch against the dense-per-step kernels (_lif_step, kept for _lif_numba).
 
     @numba.njit(inline="always")
     def _lif_step(v, cur, th, decay, subtract, zero, one, out_row, cnt, tm, tp, decay_p, flags):
@@ -580,81 +585,185 @@ if _HAVE_NUMBA:
         for m in range(src.shape[0]):
             dst[m] += src[m]
 
+    _BYTE_INDEX = np.uint64(0x0001020304050607)  # (lowest set bit · this) >> 56 = its byte
+    _U56 = np.uint64(56)
+    _U1 = np.uint64(1)
+
+    @numba.njit(inline="always")
+    def _spike_indices(row, idx):
+        # indices of the nonzero bytes of the 0/1 uint8 row, ascending, into idx; returns how
+        # many. Eight bytes are tested at once (spikes are sparse: most words are zero), and
+        # the spikes of a word are taken lowest bit first: a byte holding 1 sets bit 8·i, and
+        # multiplying that bit by _BYTE_INDEX puts i in the top byte (no branch per byte)
+        n = row.shape[0]
+        n8 = n // 8
+        words = row[:n8 * 8].view(np.uint64)
+        k = 0
+        for i in range(n8):
+            w = words[i]
+            while w:
+                low = w & (~w + _U1)
+                idx[k] = i * 8 + np.int64((low * _BYTE_INDEX) >> _U56)
+                k += 1
+                w ^= low
+        for j in range(n8 * 8, n):
+            if row[j]:
+                idx[k] = j
+                k += 1
+        return k
+
+    @numba.njit(inline="always")
+    def _lif_membrane(v, cur, th, decay, subtract, zero, one, out_row):
+        # the membrane update of one step over the layer, branch-free so that LLVM vectorises
+        # it; th is full length (one threshold per unit); out_row is uint8
+        for n in range(v.shape[0]):
+            x = v[n] * decay
+            x = x + cur[n]
+            thr = th[n]
+            s = x >= thr
+            if subtract:
+                x = x - (one if s else zero) * thr
+            else:
+                x = zero if s else x
+            v[n] = x
+            out_row[n] = np.uint8(1) if s else np.uint8(0)
+
+    @numba.njit(inline="always")
+    def _record_spikes(t, spk, k, cnt, tm, tp, last, decay, decay_p, one, flags):
+        # event-driven count and traces: a trace is brought up to step t only when its unit
+        # fires (the k units in spk), by the same multiplications the per-step recurrence
+        # tr = tr·decay + s does (a step without a spike multiplies and adds an exact zero), so
+        # the result is bit for bit that of the recurrence; _finish_traces does the rest
+        for i in range(k):
+            n = spk[i]
+            cnt[n] += one
+            for _ in range(t - last[n]):
+                if flags[0]:
+                    tm[n] = tm[n] * decay
+                if flags[1]:
+                    tp[n] = tp[n] * decay_p
+            if flags[0]:
+                tm[n] = tm[n] + one
+            if flags[1]:
+                tp[n] = tp[n] + one
+            last[n] = t
+
+    @numba.njit(inline="always")
+    def _finish_traces(T, tm, tp, last, decay, decay_p, flags):
+        # decay every trace from its unit's last spike to the last step T - 1
+        for n in range(last.shape[0]):
+            if last[n] >= 0:
+                for _ in range(T - 1 - last[n]):
+                    if flags[0]:
+                        tm[n] = tm[n] * decay
+                    if flags[1]:
+                        tp[n] = tp[n] * decay_p
+
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _conv_layer_numba(s_in, kt, th, decay, subtract, decay_p, flags, out, count, trace_m,
+    def _conv_layer_numba(s_in, kr, th, decay, subtract, decay_p, flags, out, count, trace_m,
                           trace_p):
-        # s_in (T, B, H, W, C) bool; kt (k, k, C, M); out (T, B, Ho*Wo*M); th (Ho*Wo*M,)
+        # s_in (T, B, H, W, C) uint8; kr (k, C, k, M) with the dx axis reversed:
+        # kr[dy, c, k-1-dx, m] = K[m, c, dy, dx]; out (T, B, Ho*Wo*M) uint8; th (Ho*Wo*M,).
+        # An input spike at (y, x, c) adds, for each dy, the k·M weights kr[dy, c] to the run of
+        # units (y-dy, x-dx) over dx, which is contiguous in the channels-last current: one
+        # vectorised add of up to k·M floats. Each unit's current sums its inputs in the same
+        # (y, x, c) order as a dense loop would
         T, B, H, W, C = s_in.shape
-        k = kt.shape[0]
-        M = kt.shape[3]
+        k = kr.shape[0]
+        M = kr.shape[3]
         ho = H - k + 1
         wo = W - k + 1
         N = ho * wo * M
-        kf = kt.reshape(k * k * C, M)  # row (dy·k + dx)·C + c: the M weights of one tap
+        kflat = kr.reshape(k * C * k * M)
         zero = decay - decay
         one = zero + 1
+        # (y, x, c) of each channels-last input index, looked up (an integer division per spike
+        # cost more than the spike's additions)
+        pos_y = np.empty(H * W * C, np.int64)
+        pos_x = np.empty(H * W * C, np.int64)
+        pos_c = np.empty(H * W * C, np.int64)
+        for j in range(H * W * C):
+            pos_c[j] = j % C
+            pos_x[j] = (j // C) % W
+            pos_y[j] = j // (C * W)
         for b in numba.prange(B):
-            v = np.zeros(N, kt.dtype)
-            cur2 = np.zeros((ho * wo, M), kt.dtype)
-            cur = cur2.reshape(N)
-            cnt = np.zeros(N, kt.dtype)
-            tm = np.zeros(N, kt.dtype)
-            tp = np.zeros(N, kt.dtype)
+            v = np.zeros(N, kr.dtype)
+            cur = np.zeros(N, kr.dtype)
+            cnt = np.zeros(N, kr.dtype)
+            tm = np.zeros(N, kr.dtype)
+            tp = np.zeros(N, kr.dtype)
+            last = np.full(N, -1, np.int64)
+            spk_in = np.empty(H * W * C, np.int64)
+            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
-                for y in range(H):
-                    dy0 = max(0, y - ho + 1)
-                    dy1 = min(k, y + 1)
-                    for x in range(W):
-                        dx0 = max(0, x - wo + 1)
-                        dx1 = min(k, x + 1)
-                        for c in range(C):
-                            if s_in[t, b, y, x, c]:
-                                # this input spike adds K[:, c, dy, dx] to unit (y-dy, x-dx)
-                                for dy in range(dy0, dy1):
-                                    for dx in range(dx0, dx1):
-                                        _add_row(cur2[(y - dy) * wo + (x - dx)],
-                                                 kf[(dy * k + dx) * C + c])
-                _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, flags)
+                n_in = _spike_indices(s_in[t, b].reshape(H * W * C), spk_in)
+                for i in range(n_in):
+                    j = spk_in[i]
+                    c = pos_c[j]
+                    x = pos_x[j]
+                    y = pos_y[j]
+                    dx0 = max(0, x - wo + 1)
+                    dx1 = min(k, x + 1)
+                    length = (dx1 - dx0) * M
+                    for dy in range(max(0, y - ho + 1), min(k, y + 1)):
+                        dst = ((y - dy) * wo + x - dx1 + 1) * M
+                        src = ((dy * C + c) * k + k - dx1) * M
+                        _add_row(cur[dst:dst + length], kflat[src:src + length])
+                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
+                n_out = _spike_indices(out[t, b], spk)
+                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
+            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
             _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _pool_layer_numba(s_in, size, weight, th, decay, subtract, decay_p, flags, out, count,
                           trace_m, trace_p):
-        # s_in (T, B, H, W, C) bool; out (T, B, (H/size)*(W/size)*C); th (N,)
+        # s_in (T, B, H, W, C) uint8; out (T, B, (H/size)*(W/size)*C) uint8; th (N,).
+        # Event-driven: each input spike adds one to its block's count (exact in float), the
+        # counts times the weight are the current
         T, B, H, W, C = s_in.shape
         ho = H // size
         wo = W // size
         N = ho * wo * C
         zero = decay - decay
         one = zero + 1
+        # the pooling unit of each channels-last input index (-1: past the last full block),
+        # looked up rather than divided out per spike
+        target = np.empty(H * W * C, np.int64)
+        for j in range(H * W * C):
+            c = j % C
+            oy = j // (C * W) // size
+            ox = (j // C) % W // size
+            target[j] = (oy * wo + ox) * C + c if oy < ho and ox < wo else -1
         for b in numba.prange(B):
             v = np.zeros(N, th.dtype)
             cur = np.zeros(N, th.dtype)
             cnt = np.zeros(N, th.dtype)
             tm = np.zeros(N, th.dtype)
             tp = np.zeros(N, th.dtype)
+            last = np.full(N, -1, np.int64)
+            spk_in = np.empty(H * W * C, np.int64)
+            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
-                for oy in range(ho):
-                    for ox in range(wo):
-                        base = (oy * wo + ox) * C
-                        for dy in range(size):
-                            for dx in range(size):
-                                row = s_in[t, b, oy * size + dy, ox * size + dx]
-                                for c in range(C):
-                                    cur[base + c] += one if row[c] else zero
+                n_in = _spike_indices(s_in[t, b].reshape(H * W * C), spk_in)
+                for i in range(n_in):
+                    u = target[spk_in[i]]
+                    if u >= 0:
+                        cur[u] += one
                 for n in range(N):
                     cur[n] *= weight
-                _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, flags)
+                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
+                n_out = _spike_indices(out[t, b], spk)
+                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
+            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
             _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _fc_layer_numba(s_in, wt, th, decay, subtract, decay_p, flags, out, count, trace_m,
                         trace_p):
-        # s_in (T, B, N_in) bool (channels-last flattening); wt (N_in, n); th (n,)
+        # s_in (T, B, N_in) uint8 (channels-last flattening); wt (N_in, n); th (n,)
         T, B, n_in = s_in.shape
         N = wt.shape[1]
         zero = decay - decay
@@ -665,13 +774,18 @@ if _HAVE_NUMBA:
             cnt = np.zeros(N, wt.dtype)
             tm = np.zeros(N, wt.dtype)
             tp = np.zeros(N, wt.dtype)
+            last = np.full(N, -1, np.int64)
+            spk_in = np.empty(n_in, np.int64)
+            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
-                for j in range(n_in):
-                    if s_in[t, b, j]:
-                        _add_row(cur, wt[j])
-                _lif_step(v, cur, th, decay, subtract, zero, one, out[t, b], cnt, tm, tp,
-                          decay_p, flags)
+                k_in = _spike_indices(s_in[t, b], spk_in)
+                for i in range(k_in):
+                    _add_row(cur, wt[spk_in[i]])
+                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
+                n_out = _spike_indices(out[t, b], spk)
+                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
+            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
             _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
 
     @numba.njit(parallel=True, cache=True, nogil=True)

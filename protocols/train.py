@@ -32,6 +32,7 @@ protocols.bp.predict; the NLL uses p = a^L / Σ a^L as in training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -92,12 +93,20 @@ class TrainingSettings:
     #: forward pass: 'auto' (the compiled event-driven loop on CPU, array ops on CuPy), 'numba'
     #: or 'xp' (array ops: one matrix product per layer over batch x T, then the recurrence)
     backend: Literal["auto", "numba", "xp"] = "auto"
+    #: [choice] BLAS threads while training on the CPU (0: the BLAS library's own setting). 1:
+    #: the backward pass's matrix products are small, and idle OpenBLAS threads spin between
+    #: calls on the cores the compiled forward pass runs on (shallow net, 2 cores, 2 numba
+    #: threads: 1,253 images/s with 1 BLAS thread, 710 with 2; benchmarks/bench_trainer.py)
+    blas_threads: int = 1
 
     def __post_init__(self):
         if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0:
             raise ValueError("iterations must be >= 0, log_every >= 1, checkpoint_every >= 0")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.blas_threads < 0:
+            raise ValueError(f"blas_threads must be >= 0 (0: the BLAS library's own setting), "
+                             f"got {self.blas_threads}")
         if self.train_eval_images < 1 or self.test_eval_images < 0:
             raise ValueError("train_eval_images must be >= 1 and test_eval_images >= 0")
         if self.array_module not in ("numpy", "cupy"):
@@ -284,7 +293,7 @@ def _write_status(run_dir: Path, status: str, message: str, **extra) -> None:
 
 
 #: training keys a resumed run may change: its length (to extend it) and where it runs
-RESUMABLE_CHANGES = ("iterations", "array_module", "backend")
+RESUMABLE_CHANGES = ("iterations", "array_module", "backend", "blas_threads")
 
 
 #: the value an option had in runs recorded before it existed, where that differs from today's
@@ -567,8 +576,17 @@ def _train(
     return metrics_frame(rows)
 
 
+def blas_limit(threads: int):
+    """A context that holds the BLAS library to ``threads`` threads (0: leaves it as it is)."""
+    if threads == 0:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, data, *args, **kwargs):
-    with run_guard(run_dir, "fine-tuning"):
+    with run_guard(run_dir, "fine-tuning"), blas_limit(cfg.training.blas_threads):
         return _train(cfg, run_dir, data, *args, **kwargs)
 
 

@@ -278,3 +278,33 @@ def test_cupy_without_cupy_is_a_clear_error():
         array_module("cupy")
     with pytest.raises(ValueError, match="backend 'numba' runs on the CPU"):
         TrainingSettings(array_module="cupy", backend="numba")
+
+
+def test_training_holds_blas_to_its_thread_setting(tmp_path, monkeypatch):
+    """``training.blas_threads`` is in force while the trainer runs (the numba forward pass
+    has the cores; spinning BLAS threads halved its speed), 0 leaves BLAS alone, and a run
+    recorded before the option existed resumes under any setting."""
+    from threadpoolctl import threadpool_info
+
+    import protocols.train as train_module
+
+    def blas_threads():
+        return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+
+    seen = []
+    monkeypatch.setattr(train_module, "_train", lambda *a, **k: seen.append(blas_threads()))
+    outside = blas_threads()
+    for n in (1, 2):
+        train(TrainConfig(training=TrainingSettings(blas_threads=n)), tmp_path / str(n), None)
+        assert seen[-1] == [n]
+    train(TrainConfig(training=TrainingSettings(blas_threads=0)), tmp_path / "0", None)
+    assert seen[-1] == outside
+    assert blas_threads() == outside
+    with pytest.raises(ValueError, match="blas_threads"):
+        TrainingSettings(blas_threads=-1)
+    from protocols.config import config_to_dict
+
+    old = config_to_dict(TrainConfig())
+    del old["training"]["blas_threads"]
+    assert train_module._comparable(old) == train_module._comparable(
+        config_to_dict(TrainConfig(training=TrainingSettings(blas_threads=2))))
