@@ -6,7 +6,8 @@ committed study with the same settings), and ``--until N`` compares runs of diff
 to iteration N. Writes, under ``--out``: ``ablation.{csv,md}`` (per variant and arm:
 seeds, test error at the ``--at`` iterations and its best, the runs that reached ``--threshold``
 and the median iteration they first did, train error at the last, conv1's
-relative kernel change, the per-layer relative steps and their ratio, conv1 spikes per image),
+relative kernel change, the per-layer relative steps and their ratio, conv1 spikes per image,
+and how many runs collapsed: their output fell silent at an evaluation),
 ``per_run.{csv,md}`` (the same per run; the summary leaves out, and names, runs that
 stopped before the largest ``--at``: diverged or unfinished), ``error_curves.{png,svg}`` (test error per variant, one
 panel per arm), ``diagnostics.{png,svg}`` (:mod:`analysis.layer_diagnostics`, one line style
@@ -83,8 +84,26 @@ def per_run(table: pd.DataFrame, at: list[int], threshold: float = 0.02,
                     "fc1_saturated", "fc1_wnorm"):
             row[col] = last.get(col, np.nan)
         row["step_ratio"] = row["fc1_rel_step"] / row["conv1_rel_step"]
+        row["collapsed"] = collapsed(runs)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: output spikes per image below which an evaluation counts as a silent network
+SILENT_OUTPUT = 0.05
+
+
+def collapsed(run: pd.DataFrame) -> int:
+    """1 when the run's output layer fell silent (fewer than :data:`SILENT_OUTPUT` spikes per
+    image at an evaluation after iteration 0: every image is then an error), else 0. ``run``:
+    its metrics rows indexed by iteration; the output layer is the last ``fc*_spikes`` column."""
+    cols = sorted((c for c in run.columns
+                   if c.startswith("fc") and c.endswith("_spikes") and c[2:-7].isdigit()),
+                  key=lambda c: int(c[2:-7]))
+    if not cols:
+        return 0
+    later = run[run.index > 0][cols[-1]]
+    return int((later < SILENT_OUTPUT).any())
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -92,10 +111,13 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     threshold, how many runs reached it and the median of their iterations."""
     crossing = [c for c in runs.columns if c.startswith("iter_to_")]
     value_cols = [c for c in runs.columns
-                  if c not in ("variant", "arm", "seed", "status", "kernels_at", *crossing)]
+                  if c not in ("variant", "arm", "seed", "status", "kernels_at", "collapsed",
+                               *crossing)]
     grouped = runs.groupby(["variant", "arm"], sort=True)
     out = grouped[value_cols].mean()
     out.insert(0, "seeds", grouped.size())
+    if "collapsed" in runs.columns:
+        out["collapsed"] = grouped["collapsed"].sum()
     for col in crossing:
         out[col.replace("iter_to_", "reached_")] = grouped[col].count()
         out[col + "_median"] = grouped[col].median()

@@ -166,3 +166,18 @@ def test_ablation_compares_variants_up_to_an_iteration(tmp_path):
     mine = runs[(runs.variant == "example") & (runs.arm == "supervised")]
     assert example["reached_0.1"] == mine["iter_to_0.1"].notna().sum()
     assert example["test_200"] == pytest.approx(mine.test_200.mean())
+
+
+def test_collapsed_runs_are_those_whose_output_fell_silent():
+    from analysis.ablation import SILENT_OUTPUT, collapsed
+
+    def run(**cols):
+        return pd.DataFrame(cols, index=pd.Index([0, 100, 200], name="iteration"))
+
+    assert collapsed(run(fc1_spikes=[3.0, 0.0, 2.0])) == 1  # silent once is enough
+    assert collapsed(run(fc1_spikes=[3.0, 2.0, SILENT_OUTPUT])) == 0
+    assert collapsed(run(fc1_spikes=[0.0, 2.0, 1.0])) == 0  # the untrained net does not count
+    # the output is the last FC layer (fc2 of the deep net), not fc1
+    assert collapsed(run(fc1_spikes=[50.0, 40.0, 0.0], fc2_spikes=[3.0, 2.0, 1.0])) == 0
+    assert collapsed(run(fc1_spikes=[50.0, 40.0, 30.0], fc2_spikes=[3.0, 0.01, 1.0])) == 1
+    assert collapsed(run(test_error=[0.9, 0.5, 0.1])) == 0  # runs without diagnostics
