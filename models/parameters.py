@@ -307,6 +307,12 @@ class BPParameters:
     #: [choice] 0: L2 weight decay lambda (dW += lambda W); Lee et al. 2020's code uses 5e-4.
     #: Off by default: the paper does not mention one
     weight_decay: float = 0.0
+    #: [choice] 0: rate γ of per-map threshold homeostasis during fine-tuning (0 = off, the
+    #: paper's frozen thresholds). γ > 0: after each step, each conv map's threshold is
+    #: multiplied by exp(γ·clip((r − r*)/r*, −1, 1)), r the map's firing rate in the batch and
+    #: r* its rate in the run's first batch, so a map pushed towards silence lowers its
+    #: threshold until it fires again (a bound on the per-map gain; protocols/bp.py)
+    threshold_homeostasis: float = 0.0
     #: [recon] normalised activation a-hat: "max" (a / activation of a unit firing every step,
     #: in [0, 1]) or "T" (a / T)
     activation_norm: str = "max"
@@ -323,9 +329,9 @@ class BPParameters:
                       ("lee2018", "lee2018_window", "lee2020", "straight_through"))
         _check_choice(self, "silent_units", ("pass", "zero"))
         _check_choice(self, "conv_reduction", ("mean", "sum"))
-        if self.conv_eta_scale <= 0 or self.weight_decay < 0:
-            raise ParameterError("BPParameters: conv_eta_scale must be positive and "
-                                 "weight_decay non-negative")
+        if self.conv_eta_scale <= 0 or self.weight_decay < 0 or self.threshold_homeostasis < 0:
+            raise ParameterError("BPParameters: conv_eta_scale must be positive, weight_decay "
+                                 "and threshold_homeostasis non-negative")
         _check_choice(self, "activation_norm", ("max", "T"))
         if self.tau_p <= 0 * ms or self.t_first_epoch <= 0 * ms or self.t_later_epochs <= 0 * ms:
             raise ParameterError("BPParameters: tau_p and presentation lengths must be positive")

@@ -58,7 +58,13 @@ Reading of the parts the paper's surviving text leaves open (all [recon], option
 * Weight decay (option ``weight_decay`` λ): ΔW ← ΔW + λ W before the step (L2 penalty ½λ‖W‖²).
 * Thresholds are not trained: the paper fine-tunes the synaptic weights only ("fine-tuning the
   synaptic weights with spike-based supervised gradient descent"); thresholds stay at their
-  initialised or pre-trained values.
+  initialised or pre-trained values, unless option ``threshold_homeostasis`` γ > 0 [choice]:
+  after each step every conv map's threshold follows its firing rate,
+  :math:`v_{th,m} \leftarrow v_{th,m}\, e^{\gamma\, \mathrm{clip}((r_m - r^*_m)/r^*_m,\,-1,\,1)}`,
+  with :math:`r_m` the map's spikes per unit and step in the batch and :math:`r^*_m` the same in
+  the run's first batch (maps silent there are left alone). It bounds the per-map gain: a map
+  whose kernel is pushed negative, towards silence, lowers its threshold until it fires at its
+  first rate again, as homeostasis does during STDP pre-training.
 """
 
 from __future__ import annotations
@@ -294,3 +300,27 @@ def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta,
         rel[i] = float((step * step).sum()) ** 0.5 / norm if norm > 0 else float("inf")
         p.weights -= step
     return rel
+
+
+def map_rates(layers: Sequence[Layer], fwd: Forward, xp=np) -> list:
+    """Spikes per unit and step of every conv map in the batch of ``fwd``: one ``(n_maps,)``
+    array per conv layer, None for the other layers."""
+    rates: list = [None] * len(layers)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ConvLayer):
+            count = fwd.count_cl[i]  # (batch, H, W, maps)
+            rates[i] = count.reshape(-1, count.shape[-1]).mean(axis=0) / fwd.T
+    return rates
+
+
+def adapt_thresholds(params: Sequence[LayerParams | None], rates: Sequence, targets: Sequence,
+                     gamma: float, xp=np) -> None:
+    """Per-map threshold homeostasis (option ``threshold_homeostasis``), in place:
+    v_th ← v_th · exp(γ · clip((r − r*) / r*, −1, 1)) for every map with a target r* > 0."""
+    for p, r, target in zip(params, rates, targets):
+        if r is None or target is None:
+            continue
+        alive = target > 0
+        rel = xp.where(alive, (r - target) / xp.where(alive, target, 1), 0)
+        factor = xp.exp(gamma * xp.clip(rel, -1.0, 1.0)).astype(p.thresholds.dtype)
+        p.thresholds *= factor

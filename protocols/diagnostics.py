@@ -79,8 +79,9 @@ class ActivityTally:
         return out
 
 
-def weight_columns(layers: Sequence[Layer], params: Sequence) -> dict:
-    """‖W‖ of every trainable layer, and the per-map kernel means of conv layers."""
+def weight_columns(layers: Sequence[Layer], params: Sequence, thresholds: bool = False) -> dict:
+    """‖W‖ of every trainable layer, and the per-map kernel means of conv layers; with
+    ``thresholds`` (threshold homeostasis on), also each conv layer's mean threshold."""
     out = {}
     for label, layer, p in zip(layer_labels(layers), layers, params):
         if p is None:
@@ -91,6 +92,8 @@ def weight_columns(layers: Sequence[Layer], params: Sequence) -> dict:
             per_map = w.reshape(w.shape[0], -1).mean(axis=1)
             out[f"{label}_map_mean"] = float(per_map.mean())
             out[f"{label}_map_mean_sd"] = float(per_map.std())
+            if thresholds:
+                out[f"{label}_th_mean"] = float(to_numpy(p.thresholds).astype(np.float64).mean())
     return out
 
 
@@ -122,5 +125,5 @@ class StepTally:
 def diagnostic_columns(columns: Sequence[str]) -> list[str]:
     """The diagnostic columns among ``columns``, in a stable order (layer, then quantity)."""
     suffixes = ("_rel_step", "_spikes", "_silent", "_saturated", "_wnorm", "_map_mean",
-                "_map_mean_sd")
+                "_map_mean_sd", "_th_mean")
     return [c for c in columns if any(c.endswith(s) for s in suffixes)]

@@ -49,8 +49,8 @@ import numpy as np
 from models.batched import to_numpy, forward, params_from_arrays, params_to_arrays
 from models.parameters import BPParameters, InputParameters, LIFParameters, PoolingParameters
 from models.topology import SHALLOW, parse_topology
-from protocols.bp import (NLL_FLOOR, backward, layer_learning_rates, output_probabilities,
-                          predict, sgd_step, tau_steps)
+from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, layer_learning_rates,
+                          map_rates, output_probabilities, predict, sgd_step, tau_steps)
 from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns,
                                    weight_columns)
 from protocols.encoding import n_steps, poisson_spikes
@@ -453,6 +453,10 @@ def _train(
     def wall() -> float:
         return wall_offset + time.perf_counter() - t0
 
+    homeostasis = cfg.bp.threshold_homeostasis
+    targets = (homeostasis_targets(cfg, layers, run_dir, data, schedule, xp)
+               if homeostasis > 0 else None)
+
     steps = StepTally(layers)
     if step_sums is not None:
         steps.sums[:] = step_sums
@@ -468,7 +472,7 @@ def _train(
                "images_seen": iteration * cfg.bp.batch_size, "wall_time_s": round(wall(), 3),
                "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
                "test_nll": test_nll, **steps.columns(), **activity.columns(),
-               **weight_columns(layers, params)}
+               **weight_columns(layers, params, thresholds=targets is not None)}
         rows.append(row)
         write_metrics(run_dir, rows)
         return row
@@ -532,6 +536,8 @@ def _train(
                     not math.isfinite(stats.loss):
                 diverged(iteration + 1, "non-finite gradient or loss")
             steps.add(sgd_step(params, grads, etas, cfg.bp.weight_decay))
+            if targets is not None:
+                adapt_thresholds(params, map_rates(layers, out, xp), targets, homeostasis, xp)
             iteration += 1
             done_here += 1
             if not _finite(params):
@@ -574,6 +580,26 @@ def _train(
         atomic_savez(run_dir / "final.npz", params_to_arrays(layers, params))
         _write_status(run_dir, "finished", f"finished {total} iterations", iteration=total)
     return metrics_frame(rows)
+
+
+def homeostasis_targets(cfg: TrainConfig, layers, run_dir: Path, data, schedule, xp) -> list:
+    """The per-map target rates of ``bp.threshold_homeostasis``: each conv map's spikes per unit
+    and step when the run's initial weights (``initial.npz``) meet its first mini-batch (the
+    images and Poisson draw of iteration 0). Recomputed identically when a run resumes."""
+    dtype = np.dtype(cfg.training.dtype)
+    try:
+        arrays = load_npz(run_dir / "initial.npz", "start the run again in a new folder (--out)")
+    except NpzError as err:
+        raise RunError(f"threshold homeostasis needs the run's initial weights: {err}") from None
+    first = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
+    epoch, idx = schedule.batch_indices(0)
+    T = n_steps(cfg.bp.t_first_epoch if epoch == 1 else cfg.bp.t_later_epochs, cfg.lif.dt)
+    x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt, rng_for(cfg.seed, 2, 0),
+                       cfg.input.max_rate, cfg.lif.dt)
+    out = forward(layers, first, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
+                  tau_p=tau_steps(cfg.bp.tau_p, cfg.lif.dt), keep_spikes=False,
+                  record_trace_m=False, backend=cfg.training.backend)
+    return map_rates(layers, out, xp)
 
 
 def blas_limit(threads: int):
