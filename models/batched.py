@@ -222,6 +222,7 @@ def forward(
     tau_p: float | None = None,
     keep_spikes: bool = True,
     record_trace_m: bool = True,
+    hidden_traces: bool = True,
     backend: str = "auto",
     chunk: int | None = None,
     chunk_budget_bytes: float | None = None,
@@ -248,6 +249,10 @@ def forward(
     record_trace_m
         Record ``trace_m`` (time constant tau_m; only the ``lee2020`` pseudo-derivative reads
         it). Off, ``trace_m`` is None and the compiled loop skips its update at every step.
+    hidden_traces
+        Record ``trace_p`` of the input and hidden layers (the backward pass reads them). Off
+        (evaluation: inference only), only the output layer's ``trace_p`` is recorded, which
+        the read-out and the NLL need; the others are None. Spikes and counts are unchanged.
     keep_spikes
         Keep every hidden layer's spike trains (the Brian2 comparison needs them; training
         does not, and saves the memory).
@@ -328,16 +333,16 @@ def forward(
         count_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
         if record_trace_m or (i == 0 or not use_numba):
             trace_m_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
-        if decay_p is not None:
+        if decay_p is not None and (hidden_traces or i == last):
             trace_p_cl[i] = xp.empty((batch, h, w, c), dtype=dtype)
 
     # input layer: its traces (the presynaptic activation of the first weights)
     for b0 in range(0, batch, 256):
         b1 = min(batch, b0 + 256)
         xin = x_cl[:, b0:b1].reshape(T, b1 - b0, -1)
-        _traces_from_spikes(xin, decay_m, decay_p, count_cl[0][b0:b1], trace_m_cl[0][b0:b1],
-                            None if decay_p is None else trace_p_cl[0][b0:b1], xp, use_numba,
-                            use_cuda)
+        tp0 = None if trace_p_cl[0] is None else trace_p_cl[0][b0:b1]
+        _traces_from_spikes(xin, decay_m, None if tp0 is None else decay_p, count_cl[0][b0:b1],
+                            trace_m_cl[0][b0:b1], tp0, xp, use_numba, use_cuda)
 
     if chunk is not None:
         step = int(chunk)
@@ -364,7 +369,7 @@ def forward(
             out = xp.empty((T, bc, n), dtype=np.uint8 if use_numba else bool)
             cnt = count_cl[i][b0:b1].reshape(bc, n)
             tm = None if trace_m_cl[i] is None else trace_m_cl[i][b0:b1].reshape(bc, n)
-            tp = None if decay_p is None else trace_p_cl[i][b0:b1].reshape(bc, n)
+            tp = None if trace_p_cl[i] is None else trace_p_cl[i][b0:b1].reshape(bc, n)
             weights, th = prepared[i]
             if use_numba:
                 dp = decay_p if decay_p is not None else dtype.type(0)

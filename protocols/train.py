@@ -257,7 +257,7 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
                            cfg.lif.dt)
         out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
                       tau_p=tau_p, keep_spikes=False, record_trace_m=False,
-                      backend=cfg.training.backend)
+                      hidden_traces=False, backend=cfg.training.backend)
         y = labels[b0:b0 + batch]
         if activity is not None:
             activity.add(out.count_cl, T)

@@ -263,3 +263,25 @@ def test_initialisation_ranges_and_thresholds(scheme):
     again = initialise(layers, np.random.default_rng(5), scheme, InitParameters(alpha=alpha))
     np.testing.assert_array_equal(again[1].weights, params[1].weights)
     assert isinstance(layers[-1], FCLayer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_forward_keeps_only_what_the_readout_needs(backend):
+    """hidden_traces=False (evaluation) records the output layer's trace only; spikes, counts
+    and that trace equal the full forward pass's."""
+    rng = np.random.default_rng(7)
+    layers = parse_topology("28x28-36C5-2P-10FC")
+    params = initialise(layers, rng)
+    for p in params[1:]:
+        if p is not None:
+            p.weights *= 3  # so that the output layer fires
+    x = rng.random((30, 6, 1, 28, 28)) < 0.2
+    full = forward(layers, params, x, tau_p=20.0, backend=backend, dtype=np.float64)
+    lean = forward(layers, params, x, tau_p=20.0, backend=backend, dtype=np.float64,
+                   hidden_traces=False)
+    assert all(t is None for t in lean.trace_p[:-1])
+    np.testing.assert_array_equal(lean.trace_p[-1], full.trace_p[-1])
+    for i in range(len(layers)):
+        np.testing.assert_array_equal(lean.spikes[i], full.spikes[i])
+        np.testing.assert_array_equal(lean.count[i], full.count[i])
+    assert full.count[-1].sum() > 0
