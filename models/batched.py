@@ -548,31 +548,7 @@ if _HAVE_NUMBA:
     # the results are bit for bit those of the array-module path). Plain float arithmetic in the
     # array's dtype (no fastmath, no FMA contraction). Measured on the trained shallow net
     # (1 thread, MNIST, T = 50, batch 100; CPU time): the forward pass went from 154 ms to
-    # 107 ms per batch against the dense-per-step kernels (_lif_step, kept for _lif_numba).
-
-    @numba.njit(inline="always")
-    def _lif_step(v, cur, th, decay, subtract, zero, one, out_row, cnt, tm, tp, decay_p, flags):
-        # branch-free so that LLVM vectorises it; th is full length (one threshold per unit);
-        # out_row is uint8; flags = (update tm, update tp)
-        do_m, do_p = flags
-        N = v.shape[0]
-        for n in range(N):
-            x = v[n] * decay
-            x = x + cur[n]
-            thr = th[n]
-            s = x >= thr
-            add = one if s else zero
-            if subtract:
-                x = x - add * thr
-            else:
-                x = zero if s else x
-            v[n] = x
-            out_row[n] = np.uint8(1) if s else np.uint8(0)
-            cnt[n] += add
-            if do_m:
-                tm[n] = tm[n] * decay + add
-            if do_p:
-                tp[n] = tp[n] * decay_p + add
+    # 107 ms per batch against kernels that updated every unit's count and traces at every step.
 
     @numba.njit(inline="always")
     def _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags):
@@ -664,6 +640,28 @@ if _HAVE_NUMBA:
                     if flags[1]:
                         tp[n] = tp[n] * decay_p
 
+    @numba.njit(inline="always")
+    def _unit_state(N, like):
+        # one image's state of a layer of N units: membrane, count, the two traces (dtype of
+        # `like`), each unit's last spike step, and room for the list of the step's spikes
+        return (np.zeros(N, like.dtype), np.zeros(N, like.dtype), np.zeros(N, like.dtype),
+                np.zeros(N, like.dtype), np.full(N, -1, np.int64), np.empty(N, np.int64))
+
+    @numba.njit(inline="always")
+    def _fire(t, v, cur, th, decay, subtract, zero, one, out_row, spk, cnt, tm, tp, last,
+              decay_p, flags):
+        # step t of the layer, given its currents: the membrane update, then the count and
+        # traces of the units that fired
+        _lif_membrane(v, cur, th, decay, subtract, zero, one, out_row)
+        n_out = _spike_indices(out_row, spk)
+        _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
+
+    @numba.njit(inline="always")
+    def _finish(b, T, cnt, tm, tp, last, decay, decay_p, flags, count, trace_m, trace_p):
+        # the end of image b's presentation: traces brought to step T - 1, results stored
+        _finish_traces(T, tm, tp, last, decay, decay_p, flags)
+        _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _conv_layer_numba(s_in, kr, th, decay, subtract, decay_p, flags, out, count, trace_m,
                           trace_p):
@@ -692,14 +690,9 @@ if _HAVE_NUMBA:
             pos_x[j] = (j // C) % W
             pos_y[j] = j // (C * W)
         for b in numba.prange(B):
-            v = np.zeros(N, kr.dtype)
+            v, cnt, tm, tp, last, spk = _unit_state(N, kr)
             cur = np.zeros(N, kr.dtype)
-            cnt = np.zeros(N, kr.dtype)
-            tm = np.zeros(N, kr.dtype)
-            tp = np.zeros(N, kr.dtype)
-            last = np.full(N, -1, np.int64)
             spk_in = np.empty(H * W * C, np.int64)
-            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
                 n_in = _spike_indices(s_in[t, b].reshape(H * W * C), spk_in)
@@ -715,11 +708,9 @@ if _HAVE_NUMBA:
                         dst = ((y - dy) * wo + x - dx1 + 1) * M
                         src = ((dy * C + c) * k + k - dx1) * M
                         _add_row(cur[dst:dst + length], kflat[src:src + length])
-                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
-                n_out = _spike_indices(out[t, b], spk)
-                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
-            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
-            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
+                _fire(t, v, cur, th, decay, subtract, zero, one, out[t, b], spk, cnt, tm, tp,
+                      last, decay_p, flags)
+            _finish(b, T, cnt, tm, tp, last, decay, decay_p, flags, count, trace_m, trace_p)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _pool_layer_numba(s_in, size, weight, th, decay, subtract, decay_p, flags, out, count,
@@ -742,14 +733,9 @@ if _HAVE_NUMBA:
             ox = (j // C) % W // size
             target[j] = (oy * wo + ox) * C + c if oy < ho and ox < wo else -1
         for b in numba.prange(B):
-            v = np.zeros(N, th.dtype)
+            v, cnt, tm, tp, last, spk = _unit_state(N, th)
             cur = np.zeros(N, th.dtype)
-            cnt = np.zeros(N, th.dtype)
-            tm = np.zeros(N, th.dtype)
-            tp = np.zeros(N, th.dtype)
-            last = np.full(N, -1, np.int64)
             spk_in = np.empty(H * W * C, np.int64)
-            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
                 n_in = _spike_indices(s_in[t, b].reshape(H * W * C), spk_in)
@@ -759,11 +745,9 @@ if _HAVE_NUMBA:
                         cur[u] += one
                 for n in range(N):
                     cur[n] *= weight
-                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
-                n_out = _spike_indices(out[t, b], spk)
-                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
-            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
-            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
+                _fire(t, v, cur, th, decay, subtract, zero, one, out[t, b], spk, cnt, tm, tp,
+                      last, decay_p, flags)
+            _finish(b, T, cnt, tm, tp, last, decay, decay_p, flags, count, trace_m, trace_p)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _fc_layer_numba(s_in, wt, th, decay, subtract, decay_p, flags, out, count, trace_m,
@@ -774,24 +758,17 @@ if _HAVE_NUMBA:
         zero = decay - decay
         one = zero + 1
         for b in numba.prange(B):
-            v = np.zeros(N, wt.dtype)
+            v, cnt, tm, tp, last, spk = _unit_state(N, wt)
             cur = np.zeros(N, wt.dtype)
-            cnt = np.zeros(N, wt.dtype)
-            tm = np.zeros(N, wt.dtype)
-            tp = np.zeros(N, wt.dtype)
-            last = np.full(N, -1, np.int64)
             spk_in = np.empty(n_in, np.int64)
-            spk = np.empty(N, np.int64)
             for t in range(T):
                 cur[:] = zero
                 k_in = _spike_indices(s_in[t, b], spk_in)
                 for i in range(k_in):
                     _add_row(cur, wt[spk_in[i]])
-                _lif_membrane(v, cur, th, decay, subtract, zero, one, out[t, b])
-                n_out = _spike_indices(out[t, b], spk)
-                _record_spikes(t, spk, n_out, cnt, tm, tp, last, decay, decay_p, one, flags)
-            _finish_traces(T, tm, tp, last, decay, decay_p, flags)
-            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
+                _fire(t, v, cur, th, decay, subtract, zero, one, out[t, b], spk, cnt, tm, tp,
+                      last, decay_p, flags)
+            _finish(b, T, cnt, tm, tp, last, decay, decay_p, flags, count, trace_m, trace_p)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _lif_numba(current, th, decay, subtract, out, count, trace_m, decay_p, trace_p, flags):
@@ -800,14 +777,11 @@ if _HAVE_NUMBA:
         zero = decay - decay
         one = zero + 1
         for b in numba.prange(B):
-            v = np.zeros(N, current.dtype)
-            cnt = np.zeros(N, current.dtype)
-            tm = np.zeros(N, current.dtype)
-            tp = np.zeros(N, current.dtype)
+            v, cnt, tm, tp, last, spk = _unit_state(N, current)
             for t in range(T):
-                _lif_step(v, current[t, b], th, decay, subtract, zero, one, out[t, b], cnt,
-                          tm, tp, decay_p, flags)
-            _store_state(b, cnt, tm, tp, count, trace_m, trace_p, flags)
+                _fire(t, v, current[t, b], th, decay, subtract, zero, one, out[t, b], spk, cnt,
+                      tm, tp, last, decay_p, flags)
+            _finish(b, T, cnt, tm, tp, last, decay, decay_p, flags, count, trace_m, trace_p)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _traces_numba(s, decay_m, decay_p, count, trace_m, trace_p, do_p):

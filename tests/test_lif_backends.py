@@ -7,8 +7,8 @@ or by subtracting :math:`v_{th}`) is written out by hand four times:
   so :math:`d = e^{-dt/\\tau_m}` is computed by Brian2 from dt and tau_m), scheduled by
   :mod:`models.network` — the reference here;
 * NumPy: the array-module loop :func:`models.batched.lif_run` (``backend='xp'``);
-* numba: ``_lif_step`` of :mod:`models.batched`, inlined into the event-driven conv, pooling and
-  FC kernels and the bare recurrence ``_lif_numba`` (``backend='numba'``);
+* numba: ``_lif_membrane`` of :mod:`models.batched`, inlined into the event-driven conv, pooling
+  and FC kernels and the bare recurrence ``_lif_numba`` (``backend='numba'``);
 * CUDA: the fused kernel of :mod:`models.batched_cuda` (CuPy, ``backend='auto'``); the same
   NumPy loop also runs on CuPy arrays (``backend='xp'``).
 
@@ -152,24 +152,20 @@ class _PreResetRecorder:
 if batched._HAVE_NUMBA:
     import numba
 
-    # not cache=True: numba's cache would not notice a change of _lif_step in models/batched.py
+    # not cache=True: numba's cache would not notice a change of _lif_membrane in models/batched.py
     # and keep testing the old one
     @numba.njit
     def _numba_membrane(current, th, decay, subtract):
-        # the production _lif_step over (T, N) currents of one image; returns the membrane after
-        # each step's reset and the spikes
+        # the production _lif_membrane over (T, N) currents of one image; returns the membrane
+        # after each step's reset and the spikes
         steps, n = current.shape
         zero = decay - decay
         one = zero + 1
         v = np.zeros(n, current.dtype)
-        cnt = np.zeros(n, current.dtype)
-        tm = np.zeros(n, current.dtype)
-        tp = np.zeros(n, current.dtype)
         spikes = np.zeros((steps, n), np.uint8)
         v_post = np.zeros((steps, n), current.dtype)
         for t in range(steps):
-            batched._lif_step(v, current[t], th, decay, subtract, zero, one, spikes[t], cnt, tm,
-                              tp, zero, (True, False))
+            batched._lif_membrane(v, current[t], th, decay, subtract, zero, one, spikes[t])
             v_post[t] = v
         return v_post, spikes
 
@@ -220,7 +216,7 @@ def _run_backend(backend: str, lif: LIFParameters, dtype):
                 current[t] += wt[j]
         v_post, sp = _numba_membrane(current, thresholds.astype(dtype), decay, subtract)
         membranes["post"] = v_post
-        np.testing.assert_array_equal(sp.astype(bool), out, err_msg="_lif_step harness")
+        np.testing.assert_array_equal(sp.astype(bool), out, err_msg="_lif_membrane harness")
     # the fused CUDA kernel keeps V in registers and never writes it: spikes and counts only
     return out, count, membranes
 
