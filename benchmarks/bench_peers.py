@@ -448,15 +448,11 @@ def bench_peer(library: str, topology: str, images, labels, iterations: int, bat
 
 def bench_ours(topology: str, images, labels, iterations: int, batch: int, steps: int) -> dict:
     """Ours as the trainer runs it: numba on the cores, BLAS held to the trainer's
-    ``training.blas_threads`` (its small products would otherwise spin threads on those cores)."""
+    ``training.blas_threads`` (``bench_trainer.bench``'s default)."""
     from benchmarks.bench_trainer import bench
-    from protocols.train import TrainingSettings, blas_limit
 
-    blas_threads = TrainingSettings().blas_threads
-    with blas_limit(blas_threads):
-        r = bench(topology, images, labels, iterations, batch, steps)
+    r = bench(topology, images, labels, iterations, batch, steps)
     r["library"] = "ours"
-    r["blas_threads"] = blas_threads
     r["flop_model"] = "forward T steps + rate-based backward once (bench_trainer.dense_flops)"
     r["phase_s_per_iteration"] = dict(r["phase_s_per_iteration"])
     return r

@@ -68,7 +68,18 @@ def dense_flops(layers, T: int, batch: int) -> dict:
 
 
 def bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
-          weights: str | None = None, xp=np) -> dict:
+          weights: str | None = None, xp=np,
+          blas_threads: int = TrainingSettings().blas_threads) -> dict:
+    """One net's throughput; BLAS held to ``blas_threads`` as the trainer holds it
+    (``training.blas_threads``; 0: the BLAS library's own setting)."""
+    with blas_limit(blas_threads):
+        r = _bench(topology, images, labels, iterations, batch, steps, weights, xp)
+    r["blas_threads"] = blas_threads
+    return r
+
+
+def _bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
+           weights: str | None, xp) -> dict:
     layers = parse_topology(topology)
     rng = np.random.default_rng(0)
     params = initialise(layers, rng)
@@ -170,9 +181,8 @@ def main(argv=None) -> int:
     if len(weights) != len(topologies):
         parser.error("give one --weights per --topology")
     for topo, w in zip(topologies, weights):
-        with blas_limit(args.blas_threads):
-            r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp)
-        r["blas_threads"] = args.blas_threads
+        r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp,
+                  blas_threads=args.blas_threads)
         r["array_module"] = args.array_module
         r["weights"] = w if w and w != "init" else "initialisation"
         r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
