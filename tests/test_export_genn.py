@@ -423,6 +423,10 @@ def test_missing_genn_is_a_one_line_error(tmp_path):
     """--build without a GeNN (none in the environment, no GENN_PATH) or with a wrong
     GENN_PATH: one line naming the fix."""
     env = {k: v for k, v in os.environ.items() if k != "GENN_PATH"}
+    # an empty HOME: Brian2 notes at import (INFO, on stderr) when the user's compiled-code
+    # cache (~/.cython/brian_extensions) exceeds 1 GB, a line this test must not count
+    (tmp_path / "home").mkdir()
+    env["HOME"] = str(tmp_path / "home")
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if not Path(p, "genn-buildmodel.sh").exists())
     # the environment's own GeNN (<env>/genn) is hidden by pointing sys.prefix elsewhere
