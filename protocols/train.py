@@ -261,12 +261,20 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
         y = labels[b0:b0 + batch]
         if activity is not None:
             activity.add(out.count_cl, T)
-        a_out = out.trace_p_cl[-1].reshape(len(y), -1)
-        pred = to_numpy(predict(out.count_cl[-1].reshape(len(y), -1), a_out, xp))
-        wrong += int((pred != y).sum())
-        p = to_numpy(output_probabilities(a_out, xp))
-        nll += float(-np.log(np.maximum(p[np.arange(len(y)), y], NLL_FLOOR)).sum())
+        w, n = score_batch(out.count_cl[-1], out.trace_p_cl[-1], y, xp)
+        wrong += w
+        nll += n
     return wrong / len(images), nll / len(images)
+
+
+def score_batch(count_out, trace_p_out, y, xp=np) -> tuple[int, float]:
+    """(wrong predictions, summed NLL) of one evaluation batch from the output layer's spike
+    counts and activations ``(batch, ...)`` and the labels ``y`` (NumPy)."""
+    a_out = trace_p_out.reshape(len(y), -1)
+    pred = to_numpy(predict(count_out.reshape(len(y), -1), a_out, xp))
+    p = to_numpy(output_probabilities(a_out, xp))
+    return (int((pred != y).sum()),
+            float(-np.log(np.maximum(p[np.arange(len(y)), y], NLL_FLOOR)).sum()))
 
 
 def _duration(text: str):
@@ -330,6 +338,257 @@ def _comparable(config):
                                    if k not in RESUMABLE_CHANGES}}
 
 
+class TrainingRun:
+    """One run folder of the trainer: its record, parameters, metrics and checkpoints, and the
+    bookkeeping of one SGD iteration around the forward and backward passes. :func:`_train`
+    drives one; :mod:`protocols.population` drives several in lock-step, so that both write
+    the same files.
+
+    Construction checks the folder against ``cfg`` and loads its checkpoint (or takes
+    ``initial_params`` and writes ``initial.npz``); ``done`` says the run had already finished.
+    :meth:`begin` marks it running; then per iteration :meth:`batch`, the passes,
+    :meth:`step`, :meth:`record_row` when :meth:`eval_due`, :meth:`checkpoint_if_due`; at the
+    end :meth:`finish`. A divergence raises TrainingDiverged after recording it.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir, data, initial_params: Sequence | None = None,
+                 excluded: Sequence[int] = (), extra_record: dict | None = None):
+        from protocols.config import config_to_dict
+
+        self.cfg = cfg
+        self.data = data
+        self.xp = xp = array_module(cfg.training.array_module)
+        self.run_dir = run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.layers = layers = parse_topology(cfg.topology)
+        self.dtype = dtype = np.dtype(cfg.training.dtype)
+        self.schedule = schedule = make_schedule(len(data.train_labels), excluded,
+                                                 cfg.bp.batch_size, cfg.seed)
+        self.record = record = {
+            "config": config_to_dict(cfg),
+            "seed": cfg.seed,
+            "versions": {**versions(), **gpu_versions(xp)},
+            "command": " ".join(sys.argv),
+            "n_train": int(len(data.train_labels)),
+            "n_test": int(len(data.test_labels)),
+            "excluded_images": int(len(np.unique(np.asarray(excluded)))) if len(excluded) else 0,
+            "first_epoch_iterations": schedule.first_epoch_iterations,
+            "later_epoch_iterations": schedule.later_epoch_iterations,
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            **(extra_record or {}),
+        }
+        self.config_path = config_path = run_dir / "config.json"
+        if config_path.exists():
+            old = read_json(config_path, "run record", "use a new run folder (--out)")
+            if not isinstance(old, dict):
+                raise RunError(f"{config_path}: the run record is not a JSON object; use a new "
+                               f"run folder (--out)")
+            for key in ("config", "n_train", "n_test", "excluded_images"):
+                if _comparable(old.get(key)) != _comparable(record.get(key)):
+                    status = read_status(run_dir) or {}
+                    why = (f"; that run diverged at iteration {status.get('iteration')} "
+                           f"({status.get('reason', 'see its status.json')})"
+                           if status.get("status") == "diverged" else "")
+                    raise ValueError(
+                        f"{run_dir} holds a run with a different {key!r}{why}; resume needs the "
+                        f"same configuration: start the new one in a new run folder (--out NEW)")
+
+        self.checkpoint = checkpoint = run_dir / "checkpoint.npz"
+        self.rows: list[dict] = []
+        step_sums = None  # the relative-step tally since the last row, from the checkpoint
+        if checkpoint.exists():
+            fix = ("delete it to restart the run from iteration 0, or use a new run folder "
+                   "(--out)")
+            try:
+                arrays = load_npz(checkpoint, fix)
+            except NpzError as err:
+                raise RunError(str(err)) from None
+            missing = [k for k in ("iteration", "metrics_json", "wall_time_s",
+                                   "next_input_rng_json") if k not in arrays]
+            if missing:
+                raise RunError(f"{checkpoint}: not a checkpoint of this trainer (no "
+                               f"{', '.join(missing)}); {fix}")
+            if int(arrays["iteration"]) > cfg.training.iterations:
+                raise RunError(
+                    f"{run_dir} already holds {int(arrays['iteration'])} iterations, more than "
+                    f"the {cfg.training.iterations} asked for, and was left as it is; read the "
+                    f"first {cfg.training.iterations} from its metrics.csv, or start a run of "
+                    f"that length in a new folder (--out NEW)")
+            self.params = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
+            self.start = int(arrays["iteration"])
+            self.rows = json.loads(str(arrays["metrics_json"]))
+            step_sums = arrays.get("rel_step_sums")
+            self.wall_offset = float(arrays["wall_time_s"])
+            saved_rng = json.loads(str(arrays["next_input_rng_json"]))
+            if saved_rng != rng_for(cfg.seed, 2, self.start).bit_generator.state:
+                raise RuntimeError(f"{checkpoint}: its RNG state does not match the seed "
+                                   f"derivation of this code; cannot resume identically")
+        else:
+            if initial_params is None:
+                raise ValueError("initial_params are required for a new run")
+            self.params = [None if p is None else dataclasses.replace(
+                p, weights=xp.array(to_numpy(p.weights), dtype=dtype),
+                thresholds=xp.array(to_numpy(p.thresholds), dtype=dtype))
+                for p in initial_params]
+            self.start = 0
+            self.wall_offset = 0.0
+            atomic_savez(run_dir / "initial.npz", params_to_arrays(layers, self.params))
+        self.total = total = cfg.training.iterations
+        self.iteration = self.start
+        previous = read_status(run_dir) if self.start == total else None
+        self.done = bool(previous and previous.get("status") == "finished" and
+                         previous.get("iteration") == total and
+                         (run_dir / "final.npz").exists())
+        self.steps = StepTally(layers)
+        if step_sums is not None:
+            self.steps.sums[:] = step_sums
+            self.steps.n = int(arrays["rel_step_n"])
+
+    def frame(self):
+        return metrics_frame(self.rows)
+
+    def begin(self) -> None:
+        """Record the run as running; fix the evaluation sets, the homeostasis targets, the
+        learning rates and the clock."""
+        cfg, data = self.cfg, self.data
+        atomic_write_json(self.config_path, self.record)
+        _write_status(self.run_dir, "running", f"training from iteration {self.start}")
+        n_tr = min(cfg.training.train_eval_images, len(data.train_labels))
+        tr_idx = np.sort(rng_for(cfg.seed, 4).permutation(len(data.train_labels))[:n_tr])
+        n_te = cfg.training.test_eval_images or len(data.test_labels)
+        n_te = min(n_te, len(data.test_labels))
+        self.tr_x, self.tr_y = data.train_images[tr_idx], np.asarray(data.train_labels)[tr_idx]
+        self.te_x, self.te_y = data.test_images[:n_te], np.asarray(data.test_labels)[:n_te]
+        self.tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
+        self.t_first = n_steps(cfg.bp.t_first_epoch, cfg.lif.dt)
+        self.t_later = n_steps(cfg.bp.t_later_epochs, cfg.lif.dt)
+        self.t0 = time.perf_counter()
+        homeostasis = cfg.bp.threshold_homeostasis
+        self.targets = (homeostasis_targets(cfg, self.layers, self.run_dir, data, self.schedule,
+                                            self.xp) if homeostasis > 0 else None)
+        self.etas = layer_learning_rates(self.layers, cfg.bp)
+        self.guard = DivergenceGuard(cfg.guard, self.rows)
+        self.ck_every = cfg.training.checkpoint_every or cfg.training.log_every
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t0
+
+    @property
+    def needs_initial_row(self) -> bool:
+        return self.start == 0 and not self.rows
+
+    def evaluate(self) -> tuple:
+        """(train_error, train_nll, test_error, test_nll, activity) of the current network."""
+        activity = ActivityTally(self.layers)
+        train_err, train_nll = evaluate(self.layers, self.params, self.tr_x, self.tr_y,
+                                        self.cfg, 0, xp=self.xp, activity=activity)
+        test_err, test_nll = evaluate(self.layers, self.params, self.te_x, self.te_y, self.cfg,
+                                      1_000_000, xp=self.xp)
+        return train_err, train_nll, test_err, test_nll, activity
+
+    def record_row(self, iteration: int, epoch: int, evaluation: tuple) -> dict:
+        """Log a metrics row of ``evaluation`` (:meth:`evaluate`'s tuple) and check it; the
+        initial row (iteration 0) is then checkpointed."""
+        train_err, train_nll, test_err, test_nll, activity = evaluation
+        row = {"iteration": iteration, "epoch": epoch,
+               "images_seen": iteration * self.cfg.bp.batch_size,
+               "wall_time_s": round(self.wall(), 3),
+               "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
+               "test_nll": test_nll, **self.steps.columns(), **activity.columns(),
+               **weight_columns(self.layers, self.params, thresholds=self.targets is not None)}
+        self.rows.append(row)
+        write_metrics(self.run_dir, self.rows)
+        if iteration == 0:
+            if not _finite(self.params, row["train_nll"], row["test_nll"]):
+                self.diverged(0, "non-finite initial weights or outputs")
+            self.save_checkpoint(0)
+            return row
+        if not _finite(self.params, row["train_nll"], row["test_nll"]):
+            self.diverged(iteration, "non-finite outputs in evaluation")
+        if (reason := self.guard.evaluation(row["train_error"])) is not None:
+            self.diverged(iteration, reason)
+        return row
+
+    def save_checkpoint(self, iteration: int) -> None:
+        cfg = self.cfg
+        arrays = params_to_arrays(self.layers, self.params)
+        arrays.update(
+            iteration=np.asarray(iteration),
+            wall_time_s=np.asarray(self.wall()),
+            metrics_json=np.asarray(json.dumps(self.rows)),
+            rel_step_sums=self.steps.sums.copy(),
+            rel_step_n=np.asarray(self.steps.n),
+            next_input_rng_json=np.asarray(json.dumps(
+                rng_for(cfg.seed, 2, iteration).bit_generator.state)),
+            rng_derivation=np.asarray("poisson input of iteration i: SeedSequence([seed, 2, i])"),
+            seed=np.asarray(cfg.seed),
+            format=np.asarray(CHECKPOINT_FORMAT),
+        )
+        atomic_savez(self.checkpoint, arrays)
+
+    def diverged(self, iteration: int, what: str):
+        msg = (f"training diverged at iteration {iteration}: {what}. metrics.csv holds the "
+               f"curve up to here and {self.checkpoint} the last good checkpoint. To rerun, "
+               f"start a new run folder (--out NEW) with a lower bp.eta (this run: "
+               f"{self.cfg.bp.eta:g}), or check the thresholds")
+        write_metrics(self.run_dir, self.rows)
+        _write_status(self.run_dir, "diverged", msg, iteration=iteration, reason=what)
+        raise TrainingDiverged(msg)
+
+    def batch(self, iteration: int):
+        """(epoch, T, input spikes, labels) of iteration ``iteration``, drawn on the CPU."""
+        cfg = self.cfg
+        epoch, idx = self.schedule.batch_indices(iteration)
+        T = self.t_first if epoch == 1 else self.t_later
+        x = poisson_spikes(self.data.train_images[idx], T * cfg.lif.dt,
+                           rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
+        return epoch, T, x, np.asarray(self.data.train_labels)[idx]
+
+    def step(self, out, grads, stats) -> None:
+        """Check the gradients, take the SGD step (and the threshold homeostasis), advance
+        ``iteration`` and check the weights."""
+        if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
+                not math.isfinite(stats.loss):
+            self.diverged(self.iteration + 1, "non-finite gradient or loss")
+        self.steps.add(sgd_step(self.params, grads, self.etas, self.cfg.bp.weight_decay))
+        if self.targets is not None:
+            adapt_thresholds(self.params, map_rates(self.layers, out, self.xp), self.targets,
+                             self.cfg.bp.threshold_homeostasis, self.xp)
+        self.iteration += 1
+        if not _finite(self.params):
+            self.diverged(self.iteration, "non-finite weights after the SGD step")
+        if (reason := self.guard.weights(self.params)) is not None:
+            self.diverged(self.iteration, reason)
+
+    def eval_due(self) -> bool:
+        return self.iteration % self.cfg.training.log_every == 0 or self.iteration == self.total
+
+    def checkpoint_if_due(self) -> None:
+        if self.iteration % self.ck_every == 0 or self.iteration == self.total:
+            self.save_checkpoint(self.iteration)
+
+    def interrupted(self) -> str:
+        """Record a Ctrl-C at the current iteration; returns the message."""
+        try:
+            last = int(load_npz(self.checkpoint)["iteration"])
+        except (NpzError, KeyError):
+            last = None
+        kept = (f"keeps its checkpoint at iteration {last}" if last is not None
+                else "has no checkpoint yet")
+        msg = (f"fine-tuning interrupted at iteration {self.iteration} of {self.total}; "
+               f"{self.run_dir} {kept} and no final.npz; rerun the same command to resume from "
+               f"there")
+        _write_status(self.run_dir, "interrupted", msg, iteration=last)
+        return msg
+
+    def finish(self) -> None:
+        """final.npz and status 'finished' once every iteration is done."""
+        if self.iteration >= self.total:
+            atomic_savez(self.run_dir / "final.npz", params_to_arrays(self.layers, self.params))
+            _write_status(self.run_dir, "finished", f"finished {self.total} iterations",
+                          iteration=self.total)
+
+
 def _train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
@@ -351,210 +610,42 @@ def _train(
     """
     from tqdm import tqdm
 
-    xp = array_module(cfg.training.array_module)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    layers = parse_topology(cfg.topology)
-    dtype = np.dtype(cfg.training.dtype)
-    schedule = make_schedule(len(data.train_labels), excluded, cfg.bp.batch_size, cfg.seed)
+    run = TrainingRun(cfg, run_dir, data, initial_params, excluded, extra_record)
+    if run.done:
+        say(f"{run.run_dir}: already finished {run.total} iterations; nothing to do")
+        return run.frame()
+    run.begin()
+    layers, xp, dtype = run.layers, run.xp, run.dtype
+    if run.needs_initial_row:
+        say(f"evaluating the initial network ({len(run.tr_y)} training, {len(run.te_y)} test "
+            f"images)")
+        run.record_row(0, 1, run.evaluate())
 
-    from protocols.config import config_to_dict
-
-    record = {
-        "config": config_to_dict(cfg),
-        "seed": cfg.seed,
-        "versions": {**versions(), **gpu_versions(xp)},
-        "command": " ".join(sys.argv),
-        "n_train": int(len(data.train_labels)),
-        "n_test": int(len(data.test_labels)),
-        "excluded_images": int(len(np.unique(np.asarray(excluded)))) if len(excluded) else 0,
-        "first_epoch_iterations": schedule.first_epoch_iterations,
-        "later_epoch_iterations": schedule.later_epoch_iterations,
-        "checkpoint_format": CHECKPOINT_FORMAT,
-        **(extra_record or {}),
-    }
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        old = read_json(config_path, "run record", "use a new run folder (--out)")
-        if not isinstance(old, dict):
-            raise RunError(f"{config_path}: the run record is not a JSON object; use a new run "
-                           f"folder (--out)")
-        for key in ("config", "n_train", "n_test", "excluded_images"):
-            if _comparable(old.get(key)) != _comparable(record.get(key)):
-                status = read_status(run_dir) or {}
-                why = (f"; that run diverged at iteration {status.get('iteration')} "
-                       f"({status.get('reason', 'see its status.json')})"
-                       if status.get("status") == "diverged" else "")
-                raise ValueError(
-                    f"{run_dir} holds a run with a different {key!r}{why}; resume needs the "
-                    f"same configuration: start the new one in a new run folder (--out NEW)")
-
-    checkpoint = run_dir / "checkpoint.npz"
-    rows: list[dict] = []
-    step_sums = None  # the relative-step tally since the last row, from the checkpoint
-    if checkpoint.exists():
-        fix = (f"delete it to restart the run from iteration 0, or use a new run folder (--out)")
-        try:
-            arrays = load_npz(checkpoint, fix)
-        except NpzError as err:
-            raise RunError(str(err)) from None
-        missing = [k for k in ("iteration", "metrics_json", "wall_time_s", "next_input_rng_json")
-                   if k not in arrays]
-        if missing:
-            raise RunError(f"{checkpoint}: not a checkpoint of this trainer (no "
-                           f"{', '.join(missing)}); {fix}")
-        if int(arrays["iteration"]) > cfg.training.iterations:
-            raise RunError(
-                f"{run_dir} already holds {int(arrays['iteration'])} iterations, more than the "
-                f"{cfg.training.iterations} asked for, and was left as it is; read the first "
-                f"{cfg.training.iterations} from its metrics.csv, or start a run of that length "
-                f"in a new folder (--out NEW)")
-        params = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
-        start = int(arrays["iteration"])
-        rows = json.loads(str(arrays["metrics_json"]))
-        step_sums = arrays.get("rel_step_sums")
-        wall_offset = float(arrays["wall_time_s"])
-        saved_rng = json.loads(str(arrays["next_input_rng_json"]))
-        if saved_rng != rng_for(cfg.seed, 2, start).bit_generator.state:
-            raise RuntimeError(f"{checkpoint}: its RNG state does not match the seed "
-                               f"derivation of this code; cannot resume identically")
-    else:
-        if initial_params is None:
-            raise ValueError("initial_params are required for a new run")
-        params = [None if p is None else dataclasses.replace(
-            p, weights=xp.array(to_numpy(p.weights), dtype=dtype),
-            thresholds=xp.array(to_numpy(p.thresholds), dtype=dtype))
-            for p in initial_params]
-        start = 0
-        wall_offset = 0.0
-        atomic_savez(run_dir / "initial.npz", params_to_arrays(layers, params))
-    total = cfg.training.iterations
-    previous = read_status(run_dir) if start == total else None
-    if previous and previous.get("status") == "finished" and \
-            previous.get("iteration") == total and (run_dir / "final.npz").exists():
-        say(f"{run_dir}: already finished {total} iterations; nothing to do")
-        return metrics_frame(rows)
-    atomic_write_json(config_path, record)
-    _write_status(run_dir, "running", f"training from iteration {start}")
-
-    # fixed evaluation sets
-    n_tr = min(cfg.training.train_eval_images, len(data.train_labels))
-    tr_idx = np.sort(rng_for(cfg.seed, 4).permutation(len(data.train_labels))[:n_tr])
-    n_te = cfg.training.test_eval_images or len(data.test_labels)
-    n_te = min(n_te, len(data.test_labels))
-    tr_x, tr_y = data.train_images[tr_idx], np.asarray(data.train_labels)[tr_idx]
-    te_x, te_y = data.test_images[:n_te], np.asarray(data.test_labels)[:n_te]
-    tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
-    t_first = n_steps(cfg.bp.t_first_epoch, cfg.lif.dt)
-    t_later = n_steps(cfg.bp.t_later_epochs, cfg.lif.dt)
-
-    t0 = time.perf_counter()
-
-    def wall() -> float:
-        return wall_offset + time.perf_counter() - t0
-
-    homeostasis = cfg.bp.threshold_homeostasis
-    targets = (homeostasis_targets(cfg, layers, run_dir, data, schedule, xp)
-               if homeostasis > 0 else None)
-
-    steps = StepTally(layers)
-    if step_sums is not None:
-        steps.sums[:] = step_sums
-        steps.n = int(arrays["rel_step_n"])
-    etas = layer_learning_rates(layers, cfg.bp)
-
-    def log_row(iteration: int, epoch: int) -> dict:
-        activity = ActivityTally(layers)
-        train_err, train_nll = evaluate(layers, params, tr_x, tr_y, cfg, 0, xp=xp,
-                                        activity=activity)
-        test_err, test_nll = evaluate(layers, params, te_x, te_y, cfg, 1_000_000, xp=xp)
-        row = {"iteration": iteration, "epoch": epoch,
-               "images_seen": iteration * cfg.bp.batch_size, "wall_time_s": round(wall(), 3),
-               "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
-               "test_nll": test_nll, **steps.columns(), **activity.columns(),
-               **weight_columns(layers, params, thresholds=targets is not None)}
-        rows.append(row)
-        write_metrics(run_dir, rows)
-        return row
-
-    def save_checkpoint(iteration: int) -> None:
-        arrays = params_to_arrays(layers, params)
-        arrays.update(
-            iteration=np.asarray(iteration),
-            wall_time_s=np.asarray(wall()),
-            metrics_json=np.asarray(json.dumps(rows)),
-            rel_step_sums=steps.sums.copy(),
-            rel_step_n=np.asarray(steps.n),
-            next_input_rng_json=np.asarray(json.dumps(
-                rng_for(cfg.seed, 2, iteration).bit_generator.state)),
-            rng_derivation=np.asarray("poisson input of iteration i: SeedSequence([seed, 2, i])"),
-            seed=np.asarray(cfg.seed),
-            format=np.asarray(CHECKPOINT_FORMAT),
-        )
-        atomic_savez(checkpoint, arrays)
-
-    def diverged(iteration: int, what: str):
-        msg = (f"training diverged at iteration {iteration}: {what}. metrics.csv holds the "
-               f"curve up to here and {checkpoint} the last good checkpoint. To rerun, start "
-               f"a new run folder (--out NEW) with a lower bp.eta (this run: {cfg.bp.eta:g}), "
-               f"or check the thresholds")
-        write_metrics(run_dir, rows)
-        _write_status(run_dir, "diverged", msg, iteration=iteration, reason=what)
-        raise TrainingDiverged(msg)
-
-    guard = DivergenceGuard(cfg.guard, rows)
-    if start == 0 and not rows:
-        say(f"evaluating the initial network ({len(tr_y)} training, {len(te_y)} test images)")
-        row = log_row(0, 1)
-        if not _finite(params, row["train_nll"], row["test_nll"]):
-            diverged(0, "non-finite initial weights or outputs")
-        save_checkpoint(0)
-
-    ck_every = cfg.training.checkpoint_every or cfg.training.log_every
+    start, total = run.start, run.total
     if start < total:
-        say(f"fine-tuning {run_dir}: iterations {start} to {total}, evaluating every "
+        say(f"fine-tuning {run.run_dir}: iterations {start} to {total}, evaluating every "
             f"{cfg.training.log_every}")
     bar = tqdm(total=total, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
-               desc=run_dir.name)
-    last_test = rows[-1]["test_error"] if rows else float("nan")
+               desc=run.run_dir.name)
+    last_test = run.rows[-1]["test_error"] if run.rows else float("nan")
     running: list[float] = []
     done_here = 0
-    iteration = start
     try:
-        while iteration < total:
-            epoch, idx = schedule.batch_indices(iteration)
-            T = t_first if epoch == 1 else t_later
-            x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt,
-                               rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
-            y = np.asarray(data.train_labels)[idx]
-            out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
-                          tau_p=tau_p, keep_spikes=False, backend=cfg.training.backend,
+        while run.iteration < total:
+            epoch, T, x, y = run.batch(run.iteration)
+            out = forward(layers, run.params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp,
+                          dtype=dtype, tau_p=run.tau_p, keep_spikes=False,
+                          backend=cfg.training.backend,
                           record_trace_m=cfg.bp.derivative == "lee2020")
-            grads, stats = backward(layers, params, out, xp.asarray(y), cfg.bp, cfg.lif,
+            grads, stats = backward(layers, run.params, out, xp.asarray(y), cfg.bp, cfg.lif,
                                     cfg.pooling, xp=xp)
-            if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
-                    not math.isfinite(stats.loss):
-                diverged(iteration + 1, "non-finite gradient or loss")
-            steps.add(sgd_step(params, grads, etas, cfg.bp.weight_decay))
-            if targets is not None:
-                adapt_thresholds(params, map_rates(layers, out, xp), targets, homeostasis, xp)
-            iteration += 1
+            run.step(out, grads, stats)
             done_here += 1
-            if not _finite(params):
-                diverged(iteration, "non-finite weights after the SGD step")
-            if (reason := guard.weights(params)) is not None:
-                diverged(iteration, reason)
             running.append(float((to_numpy(stats.predictions) != y).mean()))
             running = running[-50:]
-            if iteration % cfg.training.log_every == 0 or iteration == total:
-                row = log_row(iteration, epoch)
-                last_test = row["test_error"]
-                if not _finite(params, row["train_nll"], row["test_nll"]):
-                    diverged(iteration, "non-finite outputs in evaluation")
-                if (reason := guard.evaluation(row["train_error"])) is not None:
-                    diverged(iteration, reason)
-            if iteration % ck_every == 0 or iteration == total:
-                save_checkpoint(iteration)
+            if run.eval_due():
+                last_test = run.record_row(run.iteration, epoch, run.evaluate())["test_error"]
+            run.checkpoint_if_due()
             bar.update(1)
             bar.set_postfix(epoch=epoch, train_err=f"{np.mean(running):.3f}",
                             test_err=f"{last_test:.4f}", refresh=False)
@@ -563,23 +654,11 @@ def _train(
             check_interrupt()  # a Ctrl-C that Python swallowed in a callback
     except KeyboardInterrupt:
         bar.close()
-        try:
-            last = int(load_npz(checkpoint)["iteration"])
-        except (NpzError, KeyError):
-            last = None
-        kept = (f"keeps its checkpoint at iteration {last}" if last is not None
-                else "has no checkpoint yet")
-        msg = (f"fine-tuning interrupted at iteration {iteration} of {total}; {run_dir} {kept} "
-               f"and no final.npz; rerun the same command to resume from there")
-        _write_status(run_dir, "interrupted", msg, iteration=last)
-        raise RunInterrupted(msg, recorded=run_dir) from None
+        raise RunInterrupted(run.interrupted(), recorded=run.run_dir) from None
     finally:
         bar.close()
-
-    if iteration >= total:
-        atomic_savez(run_dir / "final.npz", params_to_arrays(layers, params))
-        _write_status(run_dir, "finished", f"finished {total} iterations", iteration=total)
-    return metrics_frame(rows)
+    run.finish()
+    return run.frame()
 
 
 def homeostasis_targets(cfg: TrainConfig, layers, run_dir: Path, data, schedule, xp) -> list:
