@@ -196,15 +196,8 @@ def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = Tr
     """Pre-train if needed (arm 'pretrained'), then fine-tune; returns the metrics table."""
     from protocols.datasets import load_dataset
 
-    cfg = dataclasses.replace(cfg, out=cfg.out.replace("{seed}", str(cfg.seed)),
-                              pretrained=cfg.pretrained.replace("{seed}", str(cfg.seed)))
+    cfg, pretrained, excluded, extra = check_study(cfg)
     out = Path(cfg.out)
-    pretrained = None
-    excluded = np.zeros(0, dtype=np.int64)
-    extra = {"arm": cfg.arm, "init": cfg.init, "study_config": config_to_dict(cfg)}
-    # validate a given pre-training file, the data and the output folder before training
-    if cfg.arm == "pretrained" and cfg.pretrained:
-        pretrained, excluded = load_pretrained_conv(cfg.pretrained, cfg.topology)
     say(f"loading data {cfg.dataset!r}")
     data = load_dataset(cfg.dataset, data_dir)
     check_writable(out)
@@ -213,7 +206,31 @@ def run_study(cfg: StudyConfig, data_dir: str | None = None, progress: bool = Tr
                           stop_after)
 
 
+def check_study(cfg: StudyConfig) -> tuple:
+    """(cfg with "{seed}" replaced, given pre-trained conv layers or None, the images they
+    used, the run record's extra entries); a given pre-training file is validated here."""
+    cfg = dataclasses.replace(cfg, out=cfg.out.replace("{seed}", str(cfg.seed)),
+                              pretrained=cfg.pretrained.replace("{seed}", str(cfg.seed)))
+    pretrained = None
+    excluded = np.zeros(0, dtype=np.int64)
+    extra = {"arm": cfg.arm, "init": cfg.init, "study_config": config_to_dict(cfg)}
+    # validate a given pre-training file (the data and the output folder follow) before training
+    if cfg.arm == "pretrained" and cfg.pretrained:
+        pretrained, excluded = load_pretrained_conv(cfg.pretrained, cfg.topology)
+    return cfg, pretrained, excluded, extra
+
+
 def _run_study(cfg, out, data, data_dir, pretrained, excluded, extra, progress, stop_after):
+    tcfg, params, excluded = prepare_finetuning(cfg, out, data, data_dir, pretrained, excluded,
+                                                extra, progress)
+    return train(tcfg, out, data, params, excluded=excluded, extra_record=extra,
+                 progress=progress, stop_after=stop_after)
+
+
+def prepare_finetuning(cfg, out, data, data_dir, pretrained, excluded, extra, progress):
+    """Pre-train first when the arm needs it and no file was given (into ``out/pretrain``);
+    returns the fine-tuning config, the initial parameters and the excluded images, and adds
+    the pre-training file to ``extra``. The caller holds ``out``'s lock."""
     from protocols.runstate import write_status
 
     if cfg.arm == "pretrained" and not cfg.pretrained:
@@ -229,8 +246,7 @@ def _run_study(cfg, out, data, data_dir, pretrained, excluded, extra, progress, 
                           f"{len(data.train_labels)} training images of {cfg.dataset!r}")
     tcfg = train_config(cfg)
     params = initial_parameters(cfg, pretrained, np.dtype(tcfg.training.dtype))
-    return train(tcfg, out, data, params, excluded=excluded, extra_record=extra,
-                 progress=progress, stop_after=stop_after)
+    return tcfg, params, excluded
 
 
 def main(argv=None) -> int:

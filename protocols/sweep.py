@@ -19,6 +19,11 @@ Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
         [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
+        [--population 20]
+
+With ``population = N`` (``--population N``), each Dask task fine-tunes up to N runs of one
+topology in lock-step as one population (:mod:`protocols.population`): the same run folders and
+results, batched into larger kernels on a GPU; pre-training stays per run, before.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class SweepConfig:
     topologies: tuple[str, ...] = ("28x28-36C5-2P-10FC",)
     #: root folder of the sweep's run directories
     out: str = "runs/sweep"
+    #: runs per Dask task, fine-tuned in lock-step as one population (protocols/population.py;
+    #: runs of one topology; each pre-trains alone first); 1: one run per task. On the CPU a
+    #: population gives no speed (one process per core already); meant for a GPU
+    population: int = 1
     study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self):
@@ -59,6 +68,9 @@ class SweepConfig:
                 raise ValueError(f"{name} must not be empty")
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} has duplicates: {list(values)}")
+        if self.population < 1:
+            raise ValueError(f"population must be >= 1 (1: one run per task), got "
+                             f"{self.population}")
         if self.study.pretrained:
             raise ValueError("[study] pretrained must be empty in a sweep: each pre-trained run "
                              "pre-trains with its own seed")
@@ -133,6 +145,67 @@ def run_one(cfg: StudyConfig, data_dir: str | None) -> dict:
     return result
 
 
+def populations(configs: list[StudyConfig], size: int) -> list[list[StudyConfig]]:
+    """The runs in groups of up to ``size`` of one topology, in plan order."""
+    groups: list[list[StudyConfig]] = []
+    for topology in dict.fromkeys(c.topology for c in configs):
+        same = [c for c in configs if c.topology == topology]
+        groups += [same[i:i + size] for i in range(0, len(same), size)]
+    return groups
+
+
+def run_population(cfgs: list[StudyConfig], data_dir: str | None) -> list[dict]:
+    """Run (or resume) several study arms of one topology as one population: each pre-trains
+    alone (arm 'pretrained'), then all fine-tune in lock-step. Never raises; one result per
+    run, as :func:`run_one` reports it."""
+    import contextlib
+
+    from protocols import runstate
+    from protocols.datasets import load_dataset
+    from protocols.population import Member, train_population
+    from protocols.runstate import check_writable, run_guard
+    from protocols.study import check_study, prepare_finetuning
+
+    runstate.VERBOSE = False
+    results: dict[int, dict] = {}
+    members: dict[int, Member] = {}
+
+    def failed(k, err):
+        results[k] = {"run": cfgs[k].out, "status": "failed",
+                      "message": f"{type(err).__name__}: {err}",
+                      "traceback": traceback.format_exc()}
+
+    with contextlib.ExitStack() as stack:
+        data = None
+        for k, cfg in enumerate(cfgs):
+            try:
+                cfg, pretrained, excluded, extra = check_study(cfg)
+                data = data if data is not None else load_dataset(cfg.dataset, data_dir)
+                out = check_writable(Path(cfg.out))
+                stack.enter_context(run_guard(out, "the study"))  # held until the end
+                with run_guard(out, "the study"):  # records a failure of the preparation
+                    tcfg, params, excluded = prepare_finetuning(
+                        cfg, out, data, data_dir, pretrained, excluded, extra, False)
+                members[k] = Member(tcfg, out, params, excluded, extra)
+            except Exception as err:  # a failing run must not stop the others
+                failed(k, err)
+            finally:
+                _reset_brian2()
+        if members:
+            try:
+                outcome = train_population(list(members.values()), data, progress=False)
+            except Exception as err:
+                for k in members:
+                    failed(k, err)
+            else:
+                for k, r in zip(members, outcome):
+                    message = r.message
+                    if r.status == "finished" and r.metrics is not None and len(r.metrics):
+                        message = f"test error {float(r.metrics.iloc[-1].test_error):.4f}"
+                    results[k] = {"run": cfgs[k].out, "status": r.status, "message": message}
+    return [results[k] for k in range(len(cfgs))]
+
+
 def _reset_brian2() -> None:
     """Leave the worker's Brian2 device as new for the next run (pre-training sets it)."""
     if "brian2" in sys.modules:
@@ -168,18 +241,26 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
     if not todo:
         return results
     with _client(scheduler, workers, threads) as client:
-        futures = [client.submit(run_one, c, data_dir, key=f"run-{c.out}", pure=False)
-                   for c in todo]
-        bar = tqdm(total=len(futures), desc="sweep", unit="run", disable=not progress)
+        if cfg.population > 1:
+            groups = {f"population-{g[0].out}": g for g in populations(todo, cfg.population)}
+            futures = [client.submit(run_population, g, data_dir, key=key, pure=False)
+                       for key, g in groups.items()]
+        else:
+            groups = {f"run-{c.out}": [c] for c in todo}
+            futures = [client.submit(run_one, c, data_dir, key=f"run-{c.out}", pure=False)
+                       for c in todo]
+        bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
         for future in as_completed(futures):
             try:
-                result = future.result()
+                done = future.result()
             except Exception as err:  # the worker died too often (dask's allowed failures)
-                result = {"run": future.key.removeprefix("run-"), "status": "failed",
-                          "message": f"worker lost: {type(err).__name__}: {err}"}
-            results.append(result)
-            bar.set_postfix_str(f"{Path(result['run']).name}: {result['status']}")
-            bar.update()
+                done = [{"run": c.out, "status": "failed",
+                         "message": f"worker lost: {type(err).__name__}: {err}"}
+                        for c in groups[future.key]]
+            for result in done if isinstance(done, list) else [done]:
+                results.append(result)
+                bar.set_postfix_str(f"{Path(result['run']).name}: {result['status']}")
+                bar.update()
         bar.close()
     return results
 
@@ -200,6 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--array-module", choices=("numpy", "cupy"),
                         help="override [study.training] array_module, e.g. run a GPU config on "
                              "CPUs; runs may resume on the other one")
+    parser.add_argument("--population", type=int,
+                        help="override population: runs per task, fine-tuned in lock-step "
+                             "(protocols/population.py; for a GPU; 1: one run per task)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs and their status, then calibrate on this machine "
                              "and estimate the sweep's wall time (protocols/estimate.py)")
@@ -219,6 +303,8 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, study=dataclasses.replace(
                 cfg.study, training=dataclasses.replace(cfg.study.training,
                                                         iterations=args.iterations)))
+        if args.population is not None:
+            cfg = dataclasses.replace(cfg, population=args.population)
         if args.array_module is not None:
             cfg = dataclasses.replace(cfg, study=dataclasses.replace(
                 cfg.study, training=dataclasses.replace(cfg.study.training,
