@@ -16,10 +16,14 @@ mini-batch of 100 real MNIST images at T = 50 steps (the later-epoch presentatio
 * the float32 matmul rate of the same machine in the same run (2048×2048 sgemm, numpy's BLAS)
   and the ratio.
 
+``--population N``: N runs (initialisations of seeds 0..N-1) in lock-step through the batched
+array path of protocols/population.py (each member's own batch of ``--batch`` images); the
+images/s and GFLOP/s are the population's aggregate, beside the same sgemm rate.
+
 Run::
 
     python benchmarks/bench_trainer.py [--iterations 10] [--batch 100] [--steps 50] [--json out.json]
-        [--array-module cupy] [--blas-threads 1]
+        [--array-module cupy] [--blas-threads 1] [--population 20]
         [--topology T --weights runs/x/final.npz ...]
 
 MNIST is read through protocols.datasets (set MNIST_DIR); ``--synthetic`` uses random images of
@@ -69,13 +73,83 @@ def dense_flops(layers, T: int, batch: int) -> dict:
 
 def bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
           weights: str | None = None, xp=np,
-          blas_threads: int = TrainingSettings().blas_threads) -> dict:
+          blas_threads: int = TrainingSettings().blas_threads, population: int = 1) -> dict:
     """One net's throughput; BLAS held to ``blas_threads`` as the trainer holds it
-    (``training.blas_threads``; 0: the BLAS library's own setting)."""
+    (``training.blas_threads``; 0: the BLAS library's own setting). ``population`` > 1: that
+    many runs in lock-step (:mod:`protocols.population`'s batched array path), each with its
+    own initialisation (seed r) or the same ``weights``; the rates are the population's."""
     with blas_limit(blas_threads):
-        r = _bench(topology, images, labels, iterations, batch, steps, weights, xp)
+        if population > 1:
+            r = _bench_population(topology, images, labels, iterations, batch, steps, weights,
+                                  xp, population)
+        else:
+            r = _bench(topology, images, labels, iterations, batch, steps, weights, xp)
     r["blas_threads"] = blas_threads
     return r
+
+
+def _bench_population(topology: str, images, labels, iterations: int, batch: int, steps: int,
+                      weights: str | None, xp, population: int) -> dict:
+    from models.batched_population import forward_population
+    from protocols.bp_population import backward_population
+
+    layers = parse_topology(topology)
+    members = []
+    for r in range(population):
+        params = initialise(layers, np.random.default_rng(r))
+        if weights and weights != "init":
+            with np.load(weights, allow_pickle=False) as data:
+                params = params_from_arrays(layers, {k: data[k] for k in data.files})
+        members.append(params_from_arrays(layers, params_to_arrays(layers, params), xp=xp))
+    rng = np.random.default_rng(0)
+    sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
+    bp = BPParameters()
+    lif = LIFParameters()
+    tau_p = tau_steps(bp.tau_p, lif.dt)
+    phases = {"encode": 0.0, "forward": 0.0, "backward": 0.0, "sgd": 0.0}
+    for it in range(iterations + 1):  # iteration 0 warms up
+        idx = [rng.integers(0, len(labels), batch) for _ in range(population)]
+        t0 = time.perf_counter()
+        x = xp.asarray(np.stack([poisson_spikes(images[i], steps * ms, rng) for i in idx],
+                                axis=1))
+        y = [xp.asarray(labels[i]) for i in idx]
+        sync()
+        t1 = time.perf_counter()
+        out = forward_population(layers, members, x, lif, xp=xp, tau_p=tau_p,
+                                 record_trace_m=bp.derivative == "lee2020")
+        sync()
+        t2 = time.perf_counter()
+        grads, _ = backward_population(layers, members, out, y, bp, lif, xp=xp)
+        sync()
+        t3 = time.perf_counter()
+        for params, g in zip(members, grads):  # eta = 0, as in _bench
+            sgd_step(params, g, 0.0)
+        sync()
+        t4 = time.perf_counter()
+        if it == 0:
+            continue
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key] += dt
+    total = sum(phases.values())
+    images_per_iteration = population * batch
+    flops = dense_flops(layers, steps, images_per_iteration)
+    per_iter = total / iterations
+    rates = [float(c.mean()) / steps for c in out.count_cl[1:]]
+    return {
+        "topology": topology,
+        "population": population,
+        "iterations": iterations,
+        "batch": batch,
+        "steps": steps,
+        "s_per_iteration": per_iter,
+        "images_per_s": images_per_iteration / per_iter,
+        "phase_s_per_iteration": {k: v / iterations for k, v in phases.items()},
+        "phase_fraction": {k: v / total for k, v in phases.items()},
+        "dense_gflop_per_iteration": flops["total"] / 1e9,
+        "dense_gflops_achieved": flops["total"] / per_iter / 1e9,
+        "forward_dense_gflops_achieved": flops["forward"] / (phases["forward"] / iterations) / 1e9,
+        "spike_rate_per_layer_per_step": rates,
+    }
 
 
 def _bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
@@ -154,6 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--array-module", choices=("numpy", "cupy"), default="numpy",
                         help="where the trainer's arrays live (cupy: on the GPU, with the fused "
                              "CUDA recurrence; the reference is then the GPU's float32 sgemm)")
+    parser.add_argument("--population", type=int, default=1,
+                        help="runs trained in lock-step (protocols/population.py's batched "
+                             "array path); images/s is then the population's aggregate")
     args = parser.parse_args(argv)
 
     if args.synthetic:
@@ -182,7 +259,7 @@ def main(argv=None) -> int:
         parser.error("give one --weights per --topology")
     for topo, w in zip(topologies, weights):
         r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp,
-                  blas_threads=args.blas_threads)
+                  blas_threads=args.blas_threads, population=args.population)
         r["array_module"] = args.array_module
         r["weights"] = w if w and w != "init" else "initialisation"
         r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
@@ -207,8 +284,10 @@ def main(argv=None) -> int:
     for r in results:
         ph = ", ".join(f"{k} {v * 1000:.1f} ms ({r['phase_fraction'][k]:.0%})"
                        for k, v in r["phase_s_per_iteration"].items())
-        print(f"{r['topology']}: {r['images_per_s']:.0f} images/s "
-              f"({r['s_per_iteration'] * 1000:.0f} ms per iteration of {r['batch']} at T = "
+        who = f"a population of {r['population']} runs, " if r.get("population") else ""
+        per = f"{r['population']} x {r['batch']}" if r.get("population") else f"{r['batch']}"
+        print(f"{r['topology']}: {who}{r['images_per_s']:.0f} images/s "
+              f"({r['s_per_iteration'] * 1000:.0f} ms per iteration of {per} at T = "
               f"{r['steps']}); dense-equivalent {r['dense_gflops_achieved']:.1f} GFLOP/s = "
               f"{r['ratio_to_sgemm']:.1%} of the reference (forward alone "
               f"{r['forward_dense_gflops_achieved']:.1f} GFLOP/s)\n    per phase: {ph}\n"
