@@ -93,6 +93,24 @@ def test_population_equals_runs_one_by_one(tmp_path, data, backend):
     assert not np.array_equal(finals[0], finals[1]) and not np.array_equal(finals[1], finals[2])
 
 
+def lively_population(R: int = 3, B: int = 7, T: int = 12):
+    """(layers, params of R members, input (T, R, B, 28, 28), labels) of a two-conv, two-FC
+    net whose every layer fires: weights livelier than the initialisation, thresholds lower,
+    each member its own."""
+    layers = parse_topology("28x28-4C5-2P-6C3-2P-12FC-10FC")
+    params = []
+    for seed in range(R):
+        p = initialise(layers, rng_for(seed, 0))
+        for q in p:
+            if q is not None:
+                q.weights = q.weights * 4 + abs(q.weights)
+                q.thresholds = q.thresholds * (0.7 - 0.1 * seed)
+        params.append(p)
+    rng = np.random.default_rng(0)
+    x = rng.random((T, R, B, 28, 28)) < 0.3
+    return layers, params, x, [rng.integers(0, 10, B) for _ in range(R)]
+
+
 @pytest.mark.parametrize("derivative", ["lee2018", "lee2020"])
 def test_batched_passes_equal_each_members_own(derivative):
     """forward_population and backward_population on a two-conv, two-FC net, in chunks smaller
@@ -102,19 +120,8 @@ def test_batched_passes_equal_each_members_own(derivative):
     from protocols.bp import backward
     from protocols.bp_population import backward_population
 
-    layers = parse_topology("28x28-4C5-2P-6C3-2P-12FC-10FC")
-    R, B, T = 3, 7, 12
-    params = []
-    for seed in range(R):
-        p = initialise(layers, rng_for(seed, 0))
-        for q in p:
-            if q is not None:  # livelier than the initialisation, so that every layer fires
-                q.weights = q.weights * 4 + abs(q.weights)
-                q.thresholds = q.thresholds * (0.7 - 0.1 * seed)
-        params.append(p)
-    rng = np.random.default_rng(0)
-    x = rng.random((T, R, B, 28, 28)) < 0.3
-    labels = [rng.integers(0, 10, B) for _ in range(R)]
+    layers, params, x, labels = lively_population()
+    R = len(params)
     bp = BPParameters(derivative=derivative, silent_units="zero")
     fwd = forward_population(layers, params, x, tau_p=20.0, chunk=3)
     grads, stats = backward_population(layers, params, fwd, labels, bp)
@@ -131,6 +138,62 @@ def test_batched_passes_equal_each_members_own(derivative):
             assert (a is None and b is None) or np.array_equal(a, b)
         assert s1.loss == stats[r].loss
         assert np.array_equal(s1.predictions, stats[r].predictions)
+
+
+def test_fused_kernel_plumbing_with_the_kernel_emulated(monkeypatch):
+    """On CuPy the recurrence of all members runs as one fused kernel over flat (T, units)
+    arrays with one threshold per unit; with the kernel emulated by the array loop on NumPy,
+    every member's counts and traces are still its own single pass's."""
+    import models.batched as batched
+    import models.batched_cuda as cuda
+    from models.batched import forward
+    from models.batched_population import forward_population, member
+
+    def lif(current, th, decay, subtract, out, count, trace_m, decay_p=None, trace_p=None):
+        assert all(a is None or a.flags.c_contiguous
+                   for a in (current, th, out, count, trace_m, trace_p))
+        assert th.size == current.shape[1] * current.shape[2]
+        batched.lif_run(current, th, decay, subtract, out, count, trace_m, decay_p, trace_p)
+
+    def traces(s, decay_m, decay_p, count, trace_m, trace_p):
+        batched._traces_from_spikes(s, decay_m, decay_p, count, trace_m, trace_p, np, False)
+
+    monkeypatch.setattr(cuda, "lif_run_cuda", lif)
+    monkeypatch.setattr(cuda, "traces_cuda", traces)
+    layers, params, x, _ = lively_population()
+    fwd = forward_population(layers, params, x, tau_p=20.0, chunk=3, use_cuda=True,
+                             hidden_traces=False)
+    for r in range(len(params)):
+        one = forward(layers, params[r], x[:, r], tau_p=20.0, backend="xp", keep_spikes=False,
+                      chunk=3, hidden_traces=False)
+        for name in ("count_cl", "trace_p_cl", "trace_m_cl"):
+            for a, b in zip(getattr(one, name), getattr(member(fwd, r, len(params)), name)):
+                assert (a is None and b is None) or np.array_equal(a, b), (r, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["xp", "auto"])
+def test_population_on_cupy_equals_numpy_runs(tmp_path, data, backend):
+    """On a GPU (skipped without one) a population gives each member's NumPy single run, within
+    rounding (float64: cuBLAS's batched products may sum in another order)."""
+    from test_cupy import require_cupy
+
+    require_cupy()
+    gpu = []
+    for m in members(tmp_path, backend):
+        training = dataclasses.replace(m.cfg.training, dtype="float64", array_module="cupy")
+        gpu.append(dataclasses.replace(m, cfg=dataclasses.replace(m.cfg, training=training)))
+    results = train_population(gpu, data, progress=False)
+    assert [r.status for r in results] == ["finished"] * 3
+    for m, r in zip(gpu, results):
+        cpu = dataclasses.replace(m, cfg=dataclasses.replace(m.cfg, training=dataclasses.replace(
+            m.cfg.training, array_module="numpy", backend="xp")))
+        ref = alone(cpu, tmp_path / f"cpu-{m.run_dir.name}", data)
+        pd.testing.assert_frame_equal(r.metrics.drop(columns="wall_time_s"),
+                                      ref.drop(columns="wall_time_s"))
+        a, b = weights(m.run_dir), weights(tmp_path / f"cpu-{m.run_dir.name}")
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12)
 
 
 def test_population_with_per_member_thresholds_and_step_options(tmp_path, data):
