@@ -251,6 +251,59 @@ def test_killed_population_resumes_every_member(tmp_path, data):
     assert all(r.status == "finished" and "already finished" in r.message for r in again)
 
 
+KILLED = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from protocols.datasets import load_dataset
+from protocols.population import train_population
+from test_population import members
+train_population(members(Path({tmp!r}), "xp", iterations=40), load_dataset("mnist-5k"),
+                 progress=False)
+"""
+
+
+def test_sigkilled_population_resumes_every_member(tmp_path, data):
+    """SIGKILL mid-run (no chance to record anything), then the same population again: every
+    member takes over its dead lock, resumes from its checkpoint and ends as its single run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    script = KILLED.format(tests=str(repo / "tests"), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=str(repo)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ms_ = members(tmp_path, "xp", iterations=40)
+
+    def checkpointed(m):
+        try:
+            return int(np.load(m.run_dir / "checkpoint.npz")["iteration"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    deadline = time.time() + 120
+    while min(checkpointed(m) for m in ms_) < 4:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the population made no progress"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at = [checkpointed(m) for m in ms_]
+    assert max(at) < 40, "killed too late to test a resume"
+    assert all(json.loads((m.run_dir / "status.json").read_text())["status"] == "running"
+               for m in ms_)
+    resumed = train_population([dataclasses.replace(m, initial_params=None) for m in ms_],
+                               data, progress=False)
+    assert [r.status for r in resumed] == ["finished"] * 3
+    for m, r in zip(ms_, resumed):
+        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
+        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+
+
 def test_members_must_share_the_topology(tmp_path, data):
     ms_ = members(tmp_path, "xp")
     other = dataclasses.replace(ms_[1], cfg=dataclasses.replace(ms_[1].cfg,
