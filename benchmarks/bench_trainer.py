@@ -52,7 +52,7 @@ from models.initialisation import initialise  # noqa: E402
 from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
 from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
-from protocols.encoding import poisson_spikes  # noqa: E402
+from protocols.encoding import counter_key, poisson_spikes, poisson_spikes_counter  # noqa: E402
 from protocols.train import TrainingSettings, blas_limit  # noqa: E402
 from benchmarks.reference import sgemm_gflops  # noqa: E402
 
@@ -73,23 +73,36 @@ def dense_flops(layers, T: int, batch: int) -> dict:
 
 def bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
           weights: str | None = None, xp=np,
-          blas_threads: int = TrainingSettings().blas_threads, population: int = 1) -> dict:
+          blas_threads: int = TrainingSettings().blas_threads, population: int = 1,
+          input_rng: str = TrainingSettings().input_rng) -> dict:
     """One net's throughput; BLAS held to ``blas_threads`` as the trainer holds it
     (``training.blas_threads``; 0: the BLAS library's own setting). ``population`` > 1: that
     many runs in lock-step (:mod:`protocols.population`'s batched array path), each with its
-    own initialisation (seed r) or the same ``weights``; the rates are the population's."""
+    own initialisation (seed r) or the same ``weights``; the rates are the population's.
+    ``input_rng``: the input draw timed as the encode phase (``training.input_rng``)."""
     with blas_limit(blas_threads):
         if population > 1:
             r = _bench_population(topology, images, labels, iterations, batch, steps, weights,
-                                  xp, population)
+                                  xp, population, input_rng)
         else:
-            r = _bench(topology, images, labels, iterations, batch, steps, weights, xp)
+            r = _bench(topology, images, labels, iterations, batch, steps, weights, xp,
+                       input_rng)
     r["blas_threads"] = blas_threads
+    r["input_rng"] = input_rng
     return r
 
 
+def _draw(images, steps: int, rng, iteration: int, xp, input_rng: str):
+    """One batch's input as the trainer draws it (protocols.train.draw_input): PCG64 on the
+    host and copied, or SplitMix64 computed in ``xp``."""
+    if input_rng == "splitmix64":
+        return poisson_spikes_counter(xp.asarray(images), steps * ms, counter_key(0, 2, iteration),
+                                      xp=xp)
+    return xp.asarray(poisson_spikes(images, steps * ms, rng))
+
+
 def _bench_population(topology: str, images, labels, iterations: int, batch: int, steps: int,
-                      weights: str | None, xp, population: int) -> dict:
+                      weights: str | None, xp, population: int, input_rng: str) -> dict:
     from models.batched_population import forward_population
     from protocols.bp_population import backward_population
 
@@ -110,8 +123,8 @@ def _bench_population(topology: str, images, labels, iterations: int, batch: int
     for it in range(iterations + 1):  # iteration 0 warms up
         idx = [rng.integers(0, len(labels), batch) for _ in range(population)]
         t0 = time.perf_counter()
-        x = xp.asarray(np.stack([poisson_spikes(images[i], steps * ms, rng) for i in idx],
-                                axis=1))
+        x = xp.stack([_draw(images[i], steps, rng, it * population + r, xp, input_rng)
+                      for r, i in enumerate(idx)], axis=1)
         y = [xp.asarray(labels[i]) for i in idx]
         sync()
         t1 = time.perf_counter()
@@ -153,7 +166,7 @@ def _bench_population(topology: str, images, labels, iterations: int, batch: int
 
 
 def _bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
-           weights: str | None, xp) -> dict:
+           weights: str | None, xp, input_rng: str) -> dict:
     layers = parse_topology(topology)
     rng = np.random.default_rng(0)
     params = initialise(layers, rng)
@@ -170,7 +183,7 @@ def _bench(topology: str, images, labels, iterations: int, batch: int, steps: in
         idx = rng.integers(0, len(labels), batch)
         t0 = time.perf_counter()
         # as protocols.train: drawn on the CPU, then moved to the array module's device
-        x = xp.asarray(poisson_spikes(images[idx], steps * ms, rng))
+        x = _draw(images[idx], steps, rng, it, xp, input_rng)
         y = xp.asarray(labels[idx])
         sync()
         t1 = time.perf_counter()
@@ -231,6 +244,10 @@ def main(argv=None) -> int:
     parser.add_argument("--population", type=int, default=1,
                         help="runs trained in lock-step (protocols/population.py's batched "
                              "array path); images/s is then the population's aggregate")
+    parser.add_argument("--input-rng", choices=("pcg64", "splitmix64"),
+                        default=TrainingSettings().input_rng,
+                        help="the input draw, as training.input_rng (splitmix64: computed in the "
+                             "array module, on the GPU with cupy)")
     args = parser.parse_args(argv)
 
     if args.synthetic:
@@ -259,7 +276,8 @@ def main(argv=None) -> int:
         parser.error("give one --weights per --topology")
     for topo, w in zip(topologies, weights):
         r = bench(topo, images, labels, args.iterations, args.batch, args.steps, w, xp=xp,
-                  blas_threads=args.blas_threads, population=args.population)
+                  blas_threads=args.blas_threads, population=args.population,
+                  input_rng=args.input_rng)
         r["array_module"] = args.array_module
         r["weights"] = w if w and w != "init" else "initialisation"
         r["ratio_to_sgemm"] = r["dense_gflops_achieved"] / gemm
@@ -291,7 +309,8 @@ def main(argv=None) -> int:
               f"{r['steps']}); dense-equivalent {r['dense_gflops_achieved']:.1f} GFLOP/s = "
               f"{r['ratio_to_sgemm']:.1%} of the reference (forward alone "
               f"{r['forward_dense_gflops_achieved']:.1f} GFLOP/s)\n    per phase: {ph}\n"
-              f"    weights: {r['weights']}; spikes per unit per step by layer: "
+              f"    weights: {r['weights']}; input draw: {r['input_rng']}; spikes per unit per "
+              f"step by layer: "
               + ", ".join(f"{x:.4f}" for x in r["spike_rate_per_layer_per_step"]))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))

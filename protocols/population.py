@@ -39,10 +39,10 @@ from models.batched_population import forward_population, member
 from protocols.bp import backward, tau_steps
 from protocols.bp_population import backward_population
 from protocols.diagnostics import ActivityTally
-from protocols.encoding import n_steps, poisson_spikes
+from protocols.encoding import n_steps
 from protocols.runstate import RunInterrupted, check_interrupt, run_guard, say
 from protocols.train import (TrainConfig, TrainingDiverged, TrainingRun, _duration, blas_limit,
-                             rng_for, score_batch)
+                             draw_input, score_batch)
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _iterate(runs: Sequence[TrainingRun]) -> list:
     for T in sorted({d[1] for d in drawn}):
         group = [i for i, d in enumerate(drawn) if d[1] == T]
         if batched(cfg):
-            x = xp.asarray(np.stack([drawn[i][2] for i in group], axis=1))
+            x = xp.stack([drawn[i][2] for i in group], axis=1)
             fwd = forward_population(runs[0].layers, [runs[i].params for i in group], x,
                                      cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
                                      tau_p=runs[0].tau_p, record_trace_m=lee2020,
@@ -271,11 +271,9 @@ def _evaluate(runs, sets, eval_seed_offset: int, activity, batch: int = 100) -> 
     wrong = [0] * R
     nll = [0.0] * R
     for j, b0 in enumerate(range(0, n, batch)):
-        x = np.stack([poisson_spikes(images[b0:b0 + batch], T * run.cfg.lif.dt,
-                                     rng_for(run.cfg.seed, 3, eval_seed_offset + j),
-                                     run.cfg.input.max_rate, run.cfg.lif.dt)
-                      for run, (images, _) in zip(runs, sets)], axis=1)
-        out = forward_population(runs[0].layers, [run.params for run in runs], xp.asarray(x),
+        x = xp.stack([draw_input(run.cfg, images[b0:b0 + batch], T, (3, eval_seed_offset + j),
+                                 xp) for run, (images, _) in zip(runs, sets)], axis=1)
+        out = forward_population(runs[0].layers, [run.params for run in runs], x,
                                  cfg.lif, cfg.pooling, xp=xp, dtype=dtype, tau_p=tau_p,
                                  record_trace_m=False, hidden_traces=False,
                                  use_cuda=_use_cuda(cfg, xp))

@@ -72,9 +72,9 @@ def probe(cfg, data, pretrained_file: str | None = None, batches: int = 3) -> li
     from models.topology import parse_topology
     from protocols.bp import backward, layer_learning_rates, sgd_step, tau_steps
     from protocols.diagnostics import layer_labels
-    from protocols.encoding import n_steps, poisson_spikes
+    from protocols.encoding import n_steps
     from protocols.study import initial_parameters, load_pretrained_conv, train_config
-    from protocols.train import make_schedule, rng_for
+    from protocols.train import draw_input, make_schedule
 
     layers = parse_topology(cfg.topology)
     pretrained, excluded = (load_pretrained_conv(pretrained_file, cfg.topology)
@@ -90,8 +90,7 @@ def probe(cfg, data, pretrained_file: str | None = None, batches: int = 3) -> li
         params = initial_parameters(cfg, pretrained, dtype)  # every step from the start
         epoch, idx = schedule.batch_indices(b)
         T = n_steps(cfg.bp.t_first_epoch if epoch == 1 else cfg.bp.t_later_epochs, cfg.lif.dt)
-        x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt, rng_for(cfg.seed, 2, b),
-                           cfg.input.max_rate, cfg.lif.dt)
+        x = draw_input(tcfg, data.train_images[idx], T, (2, b))  # the run's own input
         y = np.asarray(data.train_labels)[idx]
         out = forward(layers, params, x, cfg.lif, cfg.pooling, dtype=dtype, tau_p=tau_p,
                       keep_spikes=False, backend=tcfg.training.backend,

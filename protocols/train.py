@@ -53,7 +53,7 @@ from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, layer_learning_
                           map_rates, output_probabilities, predict, sgd_step, tau_steps)
 from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns,
                                    weight_columns)
-from protocols.encoding import n_steps, poisson_spikes
+from protocols.encoding import counter_key, n_steps, poisson_spikes, poisson_spikes_counter
 from protocols.records import (NpzError, atomic_savez, atomic_write_bytes, atomic_write_json,
                                load_npz, versions)
 from protocols.runstate import (DivergenceGuard, GuardSettings, RunError, RunInterrupted,
@@ -98,6 +98,13 @@ class TrainingSettings:
     #: calls on the cores the compiled forward pass runs on (shallow net, 2 cores, 2 numba
     #: threads: 1,253 images/s with 1 BLAS thread, 710 with 2; benchmarks/bench_trainer.py)
     blas_threads: int = 1
+    #: [choice] 'pcg64': the input spikes drawn on the host with NumPy's PCG64 from
+    #: ``rng_for(seed, ...)`` and copied to the device (every run so far; exact CPU/GPU
+    #: cross-checks). 'splitmix64': a counter-based draw computed where the arrays live
+    #: (protocols.encoding.poisson_spikes_counter): on a GPU no host work or copy per batch,
+    #: the same bits on NumPy and CuPy, ~10x slower than PCG64 on a CPU. A different stream, so
+    #: a run keeps the generator it started with
+    input_rng: Literal["pcg64", "splitmix64"] = "pcg64"
 
     def __post_init__(self):
         if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0:
@@ -113,6 +120,8 @@ class TrainingSettings:
             raise ValueError(f"array_module must be 'numpy' or 'cupy', got {self.array_module!r}")
         if self.backend not in ("auto", "numba", "xp"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'xp', got {self.backend!r}")
+        if self.input_rng not in ("pcg64", "splitmix64"):
+            raise ValueError(f"input_rng must be 'pcg64' or 'splitmix64', got {self.input_rng!r}")
         if self.array_module == "cupy" and self.backend == "numba":
             raise ValueError("backend 'numba' runs on the CPU; use 'auto' or 'xp' with cupy")
 
@@ -191,6 +200,18 @@ def rng_for(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *key]))
 
 
+def draw_input(cfg: "TrainConfig", images, T: int, key: tuple[int, ...], xp=np):
+    """The input spikes ``(T, batch, ...)`` of a batch of uint8 ``images``, as an ``xp`` array,
+    drawn by ``cfg.training.input_rng`` from ``(cfg.seed, *key)``: ``(2, iteration)`` for
+    training, ``(3, batch index)`` for evaluation."""
+    duration = T * cfg.lif.dt
+    if cfg.training.input_rng == "splitmix64":
+        return poisson_spikes_counter(xp.asarray(images), duration, counter_key(cfg.seed, *key),
+                                      cfg.input.max_rate, cfg.lif.dt, xp=xp)
+    return xp.asarray(poisson_spikes(images, duration, rng_for(cfg.seed, *key),
+                                     cfg.input.max_rate, cfg.lif.dt))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which images and presentation length each iteration uses."""
@@ -244,7 +265,7 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
              batch: int = 100, xp=np, activity: ActivityTally | None = None
              ) -> tuple[float, float]:
     """(error, mean NLL) of the network on ``images``; input noise fixed by the batch index.
-    ``params`` live in ``xp``; the input is drawn on the CPU (the same draws on any device).
+    ``params`` live in ``xp``; the input is drawn by ``cfg.training.input_rng``.
     ``activity``, when given, tallies every layer's spike counts."""
     T = n_steps(_duration(cfg.training.eval_duration), cfg.lif.dt)
     dtype = np.dtype(cfg.training.dtype)
@@ -252,10 +273,8 @@ def evaluate(layers, params, images, labels, cfg: TrainConfig, eval_seed_offset:
     wrong = 0
     nll = 0.0
     for j, b0 in enumerate(range(0, len(images), batch)):
-        x = poisson_spikes(images[b0:b0 + batch], T * cfg.lif.dt,
-                           rng_for(cfg.seed, 3, eval_seed_offset + j), cfg.input.max_rate,
-                           cfg.lif.dt)
-        out = forward(layers, params, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
+        x = draw_input(cfg, images[b0:b0 + batch], T, (3, eval_seed_offset + j), xp)
+        out = forward(layers, params, x, cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
                       tau_p=tau_p, keep_spikes=False, record_trace_m=False,
                       hidden_traces=False, backend=cfg.training.backend)
         y = labels[b0:b0 + batch]
@@ -536,12 +555,11 @@ class TrainingRun:
         raise TrainingDiverged(msg)
 
     def batch(self, iteration: int):
-        """(epoch, T, input spikes, labels) of iteration ``iteration``, drawn on the CPU."""
-        cfg = self.cfg
+        """(epoch, T, input spikes, labels) of iteration ``iteration``; the spikes in the run's
+        array module (``training.input_rng``), the labels in NumPy."""
         epoch, idx = self.schedule.batch_indices(iteration)
         T = self.t_first if epoch == 1 else self.t_later
-        x = poisson_spikes(self.data.train_images[idx], T * cfg.lif.dt,
-                           rng_for(cfg.seed, 2, iteration), cfg.input.max_rate, cfg.lif.dt)
+        x = draw_input(self.cfg, self.data.train_images[idx], T, (2, iteration), self.xp)
         return epoch, T, x, np.asarray(self.data.train_labels)[idx]
 
     def step(self, out, grads, stats) -> None:
@@ -673,9 +691,8 @@ def homeostasis_targets(cfg: TrainConfig, layers, run_dir: Path, data, schedule,
     first = params_from_arrays(layers, arrays, dtype=dtype, xp=xp)
     epoch, idx = schedule.batch_indices(0)
     T = n_steps(cfg.bp.t_first_epoch if epoch == 1 else cfg.bp.t_later_epochs, cfg.lif.dt)
-    x = poisson_spikes(data.train_images[idx], T * cfg.lif.dt, rng_for(cfg.seed, 2, 0),
-                       cfg.input.max_rate, cfg.lif.dt)
-    out = forward(layers, first, xp.asarray(x), cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
+    x = draw_input(cfg, data.train_images[idx], T, (2, 0), xp)
+    out = forward(layers, first, x, cfg.lif, cfg.pooling, xp=xp, dtype=dtype,
                   tau_p=tau_steps(cfg.bp.tau_p, cfg.lif.dt), keep_spikes=False,
                   record_trace_m=False, backend=cfg.training.backend)
     return map_rates(layers, out, xp)

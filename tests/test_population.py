@@ -27,12 +27,13 @@ def data():
     return load_dataset("mnist-5k")
 
 
-def config(seed: int, backend: str, eta: float = 3.0, iterations: int = 4) -> TrainConfig:
+def config(seed: int, backend: str, eta: float = 3.0, iterations: int = 4,
+           input_rng: str = "pcg64") -> TrainConfig:
     return TrainConfig(topology=TOPOLOGY, seed=seed,
                        training=TrainingSettings(iterations=iterations, log_every=2,
                                                  checkpoint_every=2, train_eval_images=30,
                                                  test_eval_images=30, eval_duration="5 ms",
-                                                 backend=backend),
+                                                 backend=backend, input_rng=input_rng),
                        bp=BPParameters(eta=eta, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
 
 
@@ -91,6 +92,19 @@ def test_population_equals_runs_one_by_one(tmp_path, data, backend):
         finals.append(weights(m.run_dir)["fc1_weights"])
     # the members did learn different things (no weights shared or mixed up)
     assert not np.array_equal(finals[0], finals[1]) and not np.array_equal(finals[1], finals[2])
+
+
+def test_members_draw_their_own_input_generator(tmp_path, data):
+    """Members with the counter-based input draw (computed in the array module, as on a GPU)
+    beside one with the host PCG64 draw: each equals its single run, bit for bit."""
+    ms_ = [Member(config(seed, "xp", input_rng=rng), tmp_path / f"m{seed}",
+                  initialise(parse_topology(TOPOLOGY), rng_for(seed, 0)), (), {"arm": "test"})
+           for seed, rng in enumerate(("splitmix64", "pcg64", "splitmix64"))]
+    results = train_population(ms_, data, progress=False)
+    assert [r.status for r in results] == ["finished"] * 3
+    for m, r in zip(ms_, results):
+        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
+        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
 
 
 def lively_population(R: int = 3, B: int = 7, T: int = 12):

@@ -308,3 +308,45 @@ def test_training_holds_blas_to_its_thread_setting(tmp_path, monkeypatch):
     del old["training"]["blas_threads"]
     assert train_module._comparable(old) == train_module._comparable(
         config_to_dict(TrainConfig(training=TrainingSettings(blas_threads=2))))
+
+
+def test_input_rng_is_a_recorded_option_of_the_run(tmp_path):
+    """training.input_rng = 'splitmix64' trains from the counter-based draw (deterministic, not
+    PCG64's spikes), is recorded, cannot change on resume, and records made before the option
+    existed read as 'pcg64'."""
+    from protocols import train as train_module
+    from protocols.config import config_to_dict
+    from protocols.datasets import load_dataset
+    from protocols.encoding import counter_key, poisson_spikes_counter
+
+    data = load_dataset("mnist-5k")
+    params = initialise(parse_topology("28x28-3C5-2P-10FC"), rng_for(0, 0))
+
+    def config(rng: str, iterations: int = 3) -> TrainConfig:
+        return TrainConfig(topology="28x28-3C5-2P-10FC", seed=4,
+                           training=TrainingSettings(iterations=iterations, log_every=3,
+                                                     train_eval_images=30, test_eval_images=30,
+                                                     eval_duration="6 ms", input_rng=rng),
+                           bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=6 * ms))
+
+    runs = {name: train(config(rng), tmp_path / name, data, params, progress=False)
+            for name, rng in (("a", "splitmix64"), ("b", "splitmix64"), ("pcg", "pcg64"))}
+    pd.testing.assert_frame_equal(runs["a"].drop(columns="wall_time_s"),
+                                  runs["b"].drop(columns="wall_time_s"))
+    with np.load(tmp_path / "a" / "final.npz") as a, np.load(tmp_path / "pcg" / "final.npz") as p:
+        assert any(not np.array_equal(a[k], p[k]) for k in a.files)
+    run = train_module.TrainingRun(config("splitmix64"), tmp_path / "c", data, params)
+    run.begin()
+    epoch, T, x, _ = run.batch(2)
+    idx = run.schedule.batch_indices(2)[1]
+    np.testing.assert_array_equal(x, poisson_spikes_counter(data.train_images[idx], T * 1 * ms,
+                                                            counter_key(4, 2, 2)))
+    record = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert record["config"]["training"]["input_rng"] == "splitmix64"
+    with pytest.raises(ValueError, match="different 'config'"):
+        train(config("pcg64", iterations=6), tmp_path / "a", data, None, progress=False)
+    old = config_to_dict(TrainConfig())
+    del old["training"]["input_rng"]
+    assert train_module._comparable(old) == train_module._comparable(config_to_dict(TrainConfig()))
+    with pytest.raises(ValueError, match="input_rng"):
+        TrainingSettings(input_rng="mt19937")
