@@ -51,7 +51,7 @@ from models.parameters import BPParameters, InputParameters, LIFParameters, Pool
 from models.topology import SHALLOW, parse_topology
 from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, layer_learning_rates,
                           map_rates, output_probabilities, predict, sgd_step, tau_steps)
-from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns,
+from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns, layer_labels,
                                    weight_columns)
 from protocols.encoding import counter_key, n_steps, poisson_spikes, poisson_spikes_counter
 from protocols.records import (NpzError, atomic_savez, atomic_write_bytes, atomic_write_json,
@@ -545,11 +545,12 @@ class TrainingRun:
         )
         atomic_savez(self.checkpoint, arrays)
 
-    def diverged(self, iteration: int, what: str):
+    def diverged(self, iteration: int, what: str, fix: str | None = None):
+        fix = fix or (f"with a lower bp.eta (this run: {self.cfg.bp.eta:g}), or check the "
+                      f"thresholds")
         msg = (f"training diverged at iteration {iteration}: {what}. metrics.csv holds the "
                f"curve up to here and {self.checkpoint} the last good checkpoint. To rerun, "
-               f"start a new run folder (--out NEW) with a lower bp.eta (this run: "
-               f"{self.cfg.bp.eta:g}), or check the thresholds")
+               f"start a new run folder (--out NEW) {fix}")
         write_metrics(self.run_dir, self.rows)
         _write_status(self.run_dir, "diverged", msg, iteration=iteration, reason=what)
         raise TrainingDiverged(msg)
@@ -568,6 +569,8 @@ class TrainingRun:
         if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
                 not math.isfinite(stats.loss):
             self.diverged(self.iteration + 1, "non-finite gradient or loss")
+        if self.iteration == 0:
+            self.check_live_start(out)
         self.steps.add(sgd_step(self.params, grads, self.etas, self.cfg.bp.weight_decay))
         if self.targets is not None:
             adapt_thresholds(self.params, map_rates(self.layers, out, self.xp), self.targets,
@@ -577,6 +580,24 @@ class TrainingRun:
             self.diverged(self.iteration, "non-finite weights after the SGD step")
         if (reason := self.guard.weights(self.params)) is not None:
             self.diverged(self.iteration, reason)
+
+    def check_live_start(self, out) -> None:
+        """Stop a run that cannot learn: with ``bp.silent_units = 'zero'`` (and no threshold
+        homeostasis to revive it) a hidden layer that fires no spike on a whole mini-batch
+        passes no gradient down (a' = 0 for every unit) and no input up (â = 0), so every
+        weight gradient of that batch is zero, and the weights, hence the silence, stay."""
+        cfg = self.cfg
+        if cfg.bp.silent_units != "zero" or cfg.bp.threshold_homeostasis > 0:
+            return
+        for i in range(1, len(self.layers) - 1):
+            if float(out.count_cl[i].sum()) == 0:
+                name = layer_labels(self.layers)[i]
+                self.diverged(
+                    0, f"a silent start: hidden layer {name} fired no spike on the first "
+                       f"mini-batch, and with bp.silent_units = 'zero' a silent layer passes no "
+                       f"gradient, so no weight changes",
+                    fix="with a smaller initialisation.alpha (thresholds v_th = alpha·k) so "
+                        "that every layer fires at the start, or with bp.silent_units = 'pass'")
 
     def eval_due(self) -> bool:
         return self.iteration % self.cfg.training.log_every == 0 or self.iteration == self.total

@@ -350,3 +350,35 @@ def test_input_rng_is_a_recorded_option_of_the_run(tmp_path):
     assert train_module._comparable(old) == train_module._comparable(config_to_dict(TrainConfig()))
     with pytest.raises(ValueError, match="input_rng"):
         TrainingSettings(input_rng="mt19937")
+
+
+def test_a_silent_start_under_the_gate_stops_with_its_reason(tmp_path):
+    """bp.silent_units = 'zero' with a hidden layer silent on the first mini-batch: no weight
+    can change, so the run stops at once (status 'diverged', the layer and the fix named);
+    the same start with 'pass' trains, and with threshold homeostasis it is allowed to try."""
+    from protocols.datasets import load_dataset
+    from models.parameters import InitParameters
+
+    data = load_dataset("mnist-5k")
+    layers = parse_topology("28x28-3C5-2P-10FC")
+    silent = initialise(layers, rng_for(0, 0), "lee", InitParameters(alpha=400.0))
+
+    def config(**bp) -> TrainConfig:
+        return TrainConfig(topology="28x28-3C5-2P-10FC",
+                           training=TrainingSettings(iterations=2, log_every=2,
+                                                     train_eval_images=20, test_eval_images=20,
+                                                     eval_duration="5 ms"),
+                           bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=6 * ms, **bp))
+
+    with pytest.raises(TrainingDiverged, match="conv1 fired no spike") as err:
+        train(config(silent_units="zero"), tmp_path / "gate", data, silent, progress=False)
+    assert "initialisation.alpha" in str(err.value) and "bp.eta" not in str(err.value)
+    status = json.loads((tmp_path / "gate" / "status.json").read_text())
+    assert status["status"] == "diverged" and status["iteration"] == 0
+    for name, bp in (("pass", {"silent_units": "pass"}),
+                     ("homeo", {"silent_units": "zero", "threshold_homeostasis": 0.01})):
+        train(config(**bp), tmp_path / name, data, silent, progress=False)
+        assert json.loads((tmp_path / name / "status.json").read_text())["status"] == "finished"
+    lively = initialise(layers, rng_for(0, 0), "lee", InitParameters(alpha=3.0))
+    train(config(silent_units="zero"), tmp_path / "lively", data, lively, progress=False)
+    assert json.loads((tmp_path / "lively" / "status.json").read_text())["status"] == "finished"
