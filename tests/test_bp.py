@@ -97,7 +97,9 @@ def test_backward_matches_plain_loop_reference(derivative, norm):
     layers = parse_topology("9x9x2-3C2-2P-2C2-6FC-3FC")
     rng = np.random.default_rng(11)
     params = initialise(layers, rng, init=InitParameters(alpha=0.5), dtype=np.float64)
-    bp = BPParameters(tau_p=7 * ms, derivative=derivative, activation_norm=norm)
+    # the options the loop reference implements: positions averaged, silent units passed
+    bp = BPParameters(tau_p=7 * ms, derivative=derivative, activation_norm=norm,
+                      conv_reduction="mean", silent_units="pass")
     lif, pool = LIFParameters(), PoolingParameters()
     x = rng.random((15, 4, 2, 9, 9)) < 0.5
     labels = np.array([0, 2, 1, 2])
