@@ -569,8 +569,7 @@ class TrainingRun:
         if not all(g is None or np.isfinite(float(g.sum())) for g in grads) or \
                 not math.isfinite(stats.loss):
             self.diverged(self.iteration + 1, "non-finite gradient or loss")
-        if self.iteration == 0:
-            self.check_live_start(out)
+        self.check_alive(out)
         self.steps.add(sgd_step(self.params, grads, self.etas, self.cfg.bp.weight_decay))
         if self.targets is not None:
             adapt_thresholds(self.params, map_rates(self.layers, out, self.xp), self.targets,
@@ -581,23 +580,34 @@ class TrainingRun:
         if (reason := self.guard.weights(self.params)) is not None:
             self.diverged(self.iteration, reason)
 
-    def check_live_start(self, out) -> None:
-        """Stop a run that cannot learn: with ``bp.silent_units = 'zero'`` (and no threshold
-        homeostasis to revive it) a hidden layer that fires no spike on a whole mini-batch
-        passes no gradient down (a' = 0 for every unit) and no input up (â = 0), so every
-        weight gradient of that batch is zero, and the weights, hence the silence, stay."""
+    def check_alive(self, out) -> None:
+        """Stop a run that can no longer learn: with ``bp.silent_units = 'zero'`` (and no
+        threshold homeostasis to revive it) a hidden layer that fires no spike on a whole
+        mini-batch passes no gradient down (a' = 0 for every unit) and no input up (â = 0), so
+        every weight gradient of the batch is zero, the weights stay, and so does the silence.
+        At the first iteration that is a silent start; later, a collapse."""
         cfg = self.cfg
         if cfg.bp.silent_units != "zero" or cfg.bp.threshold_homeostasis > 0:
             return
         for i in range(1, len(self.layers) - 1):
             if float(out.count_cl[i].sum()) == 0:
                 name = layer_labels(self.layers)[i]
+                gated = (f"and with bp.silent_units = 'zero' a silent layer passes no gradient, "
+                         f"so no weight changes")
+                if self.iteration == 0:
+                    self.diverged(
+                        0, f"a silent start: hidden layer {name} fired no spike on the first "
+                           f"mini-batch, {gated}",
+                        fix="with a smaller initialisation.alpha (thresholds v_th = alpha·k) so "
+                            "that every layer fires at the start, or with bp.silent_units = "
+                            "'pass'")
                 self.diverged(
-                    0, f"a silent start: hidden layer {name} fired no spike on the first "
-                       f"mini-batch, and with bp.silent_units = 'zero' a silent layer passes no "
-                       f"gradient, so no weight changes",
-                    fix="with a smaller initialisation.alpha (thresholds v_th = alpha·k) so "
-                        "that every layer fires at the start, or with bp.silent_units = 'pass'")
+                    self.iteration + 1,
+                    f"a silent layer: hidden layer {name} fired no spike on mini-batch "
+                    f"{self.iteration + 1}, {gated}",
+                    fix=f"with a smaller bp.eta (this run: {cfg.bp.eta:g}), or with "
+                        f"bp.threshold_homeostasis > 0, which lowers the thresholds of silent "
+                        f"maps")
 
     def eval_due(self) -> bool:
         return self.iteration % self.cfg.training.log_every == 0 or self.iteration == self.total

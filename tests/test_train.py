@@ -389,3 +389,39 @@ def test_a_silent_start_under_the_gate_stops_with_its_reason(tmp_path):
     lively = initialise(layers, rng_for(0, 0), "lee", InitParameters(alpha=3.0))
     train(config(silent_units="zero"), tmp_path / "lively", data, lively, progress=False)
     assert json.loads((tmp_path / "lively" / "status.json").read_text())["status"] == "finished"
+
+
+def test_a_layer_falling_silent_later_stops_the_run_too(tmp_path):
+    """Under the gate a hidden layer silent on a later mini-batch stops the run with a collapse
+    message (iteration and fix named). Made deterministic with black images: every image but
+    those of the first mini-batch is black, so the second mini-batch silences every layer."""
+    from types import SimpleNamespace
+
+    from models.parameters import InitParameters
+    from protocols.datasets import load_dataset
+    from protocols.train import make_schedule
+
+    real = load_dataset("mnist-5k")
+    n = 40
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC", seed=2,
+                      training=TrainingSettings(iterations=4, log_every=4, train_eval_images=10,
+                                                test_eval_images=10, eval_duration="6 ms"),
+                      bp=BPParameters(batch_size=10, t_first_epoch=8 * ms,
+                                      t_later_epochs=8 * ms, silent_units="zero"))
+    first = make_schedule(n, (), 10, cfg.seed).batch_indices(0)[1]
+    images = np.zeros((n, 28, 28), np.uint8)
+    images[first] = real.train_images[:10]
+    data = SimpleNamespace(train_images=images, train_labels=real.train_labels[:n],
+                           test_images=real.test_images, test_labels=real.test_labels)
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee",
+                        InitParameters(alpha=3.0))
+    with pytest.raises(TrainingDiverged, match="a silent layer: hidden layer conv1 fired no "
+                                               "spike on mini-batch 2") as err:
+        train(cfg, tmp_path / "gate", data, params, progress=False)
+    assert "smaller bp.eta" in str(err.value) and "threshold_homeostasis" in str(err.value)
+    status = json.loads((tmp_path / "gate" / "status.json").read_text())
+    assert status["status"] == "diverged" and status["iteration"] == 2
+    # without the gate the same run goes on (silent units still pass a gradient)
+    pass_cfg = dataclasses.replace(cfg, bp=dataclasses.replace(cfg.bp, silent_units="pass"))
+    train(pass_cfg, tmp_path / "pass", data, params, progress=False)
+    assert json.loads((tmp_path / "pass" / "status.json").read_text())["status"] == "finished"
