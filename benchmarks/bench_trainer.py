@@ -45,15 +45,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brian2 import ms  # noqa: E402
-
 from models.batched import forward, params_from_arrays, params_to_arrays  # noqa: E402
 from models.initialisation import initialise  # noqa: E402
 from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
 from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
-from protocols.encoding import counter_key, poisson_spikes, poisson_spikes_counter  # noqa: E402
-from protocols.train import TrainingSettings, blas_limit  # noqa: E402
+from protocols.train import TrainConfig, TrainingSettings, blas_limit, draw_input  # noqa: E402
 from benchmarks.reference import sgemm_gflops  # noqa: E402
 
 
@@ -92,13 +89,42 @@ def bench(topology: str, images, labels, iterations: int, batch: int, steps: int
     return r
 
 
-def _draw(images, steps: int, rng, iteration: int, xp, input_rng: str):
-    """One batch's input as the trainer draws it (protocols.train.draw_input): PCG64 on the
-    host and copied, or SplitMix64 computed in ``xp``."""
-    if input_rng == "splitmix64":
-        return poisson_spikes_counter(xp.asarray(images), steps * ms, counter_key(0, 2, iteration),
-                                      xp=xp)
-    return xp.asarray(poisson_spikes(images, steps * ms, rng))
+def _initial_params(layers, rng: np.random.Generator, weights: str | None, xp) -> list:
+    """Lee initialisation drawn from ``rng``, or the trained ``weights`` file, in ``xp``."""
+    params = initialise(layers, rng)
+    if weights and weights != "init":
+        with np.load(weights, allow_pickle=False) as data:
+            params = params_from_arrays(layers, {k: data[k] for k in data.files})
+    return params_from_arrays(layers, params_to_arrays(layers, params), xp=xp)
+
+
+def _input_config(seed: int, input_rng: str) -> TrainConfig:
+    """The configuration whose input draw (protocols.train.draw_input) a benchmark times."""
+    return TrainConfig(seed=seed, training=TrainingSettings(input_rng=input_rng))
+
+
+def _summary(topology: str, layers, phases: dict, iterations: int, batch: int, steps: int,
+             images_per_iteration: int, counts) -> dict:
+    """Throughput, time per phase and dense-equivalent rates of ``iterations`` timed
+    iterations; ``counts``: the last iteration's spike counts per layer (input first)."""
+    total = sum(phases.values())
+    flops = dense_flops(layers, steps, images_per_iteration)
+    per_iter = total / iterations
+    return {
+        "topology": topology,
+        "iterations": iterations,
+        "batch": batch,
+        "steps": steps,
+        "s_per_iteration": per_iter,
+        "images_per_s": images_per_iteration / per_iter,
+        "phase_s_per_iteration": {k: v / iterations for k, v in phases.items()},
+        "phase_fraction": {k: v / total for k, v in phases.items()},
+        "dense_gflop_per_iteration": flops["total"] / 1e9,
+        "dense_gflops_achieved": flops["total"] / per_iter / 1e9,
+        "forward_dense_gflops_achieved": flops["forward"] / (phases["forward"] / iterations) / 1e9,
+        # float() copies from a GPU
+        "spike_rate_per_layer_per_step": [float(c.mean()) / steps for c in counts[1:]],
+    }
 
 
 def _bench_population(topology: str, images, labels, iterations: int, batch: int, steps: int,
@@ -107,13 +133,9 @@ def _bench_population(topology: str, images, labels, iterations: int, batch: int
     from protocols.bp_population import backward_population
 
     layers = parse_topology(topology)
-    members = []
-    for r in range(population):
-        params = initialise(layers, np.random.default_rng(r))
-        if weights and weights != "init":
-            with np.load(weights, allow_pickle=False) as data:
-                params = params_from_arrays(layers, {k: data[k] for k in data.files})
-        members.append(params_from_arrays(layers, params_to_arrays(layers, params), xp=xp))
+    members = [_initial_params(layers, np.random.default_rng(r), weights, xp)
+               for r in range(population)]
+    inputs = [_input_config(r, input_rng) for r in range(population)]
     rng = np.random.default_rng(0)
     sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
     bp = BPParameters()
@@ -123,8 +145,8 @@ def _bench_population(topology: str, images, labels, iterations: int, batch: int
     for it in range(iterations + 1):  # iteration 0 warms up
         idx = [rng.integers(0, len(labels), batch) for _ in range(population)]
         t0 = time.perf_counter()
-        x = xp.stack([_draw(images[i], steps, rng, it * population + r, xp, input_rng)
-                      for r, i in enumerate(idx)], axis=1)
+        x = xp.stack([draw_input(cfg, images[i], steps, (2, it), xp)
+                      for cfg, i in zip(inputs, idx)], axis=1)
         y = [xp.asarray(labels[i]) for i in idx]
         sync()
         t1 = time.perf_counter()
@@ -143,37 +165,16 @@ def _bench_population(topology: str, images, labels, iterations: int, batch: int
             continue
         for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[key] += dt
-    total = sum(phases.values())
-    images_per_iteration = population * batch
-    flops = dense_flops(layers, steps, images_per_iteration)
-    per_iter = total / iterations
-    rates = [float(c.mean()) / steps for c in out.count_cl[1:]]
-    return {
-        "topology": topology,
-        "population": population,
-        "iterations": iterations,
-        "batch": batch,
-        "steps": steps,
-        "s_per_iteration": per_iter,
-        "images_per_s": images_per_iteration / per_iter,
-        "phase_s_per_iteration": {k: v / iterations for k, v in phases.items()},
-        "phase_fraction": {k: v / total for k, v in phases.items()},
-        "dense_gflop_per_iteration": flops["total"] / 1e9,
-        "dense_gflops_achieved": flops["total"] / per_iter / 1e9,
-        "forward_dense_gflops_achieved": flops["forward"] / (phases["forward"] / iterations) / 1e9,
-        "spike_rate_per_layer_per_step": rates,
-    }
+    return {**_summary(topology, layers, phases, iterations, batch, steps, population * batch,
+                       out.count_cl), "population": population}
 
 
 def _bench(topology: str, images, labels, iterations: int, batch: int, steps: int,
            weights: str | None, xp, input_rng: str) -> dict:
     layers = parse_topology(topology)
-    rng = np.random.default_rng(0)
-    params = initialise(layers, rng)
-    if weights and weights != "init":
-        with np.load(weights, allow_pickle=False) as data:
-            params = params_from_arrays(layers, {k: data[k] for k in data.files})
-    params = params_from_arrays(layers, params_to_arrays(layers, params), xp=xp)
+    rng = np.random.default_rng(0)  # the initial weights, then the images of each iteration
+    params = _initial_params(layers, rng, weights, xp)
+    cfg = _input_config(0, input_rng)
     sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
     bp = BPParameters()
     lif = LIFParameters()
@@ -182,8 +183,7 @@ def _bench(topology: str, images, labels, iterations: int, batch: int, steps: in
     for it in range(iterations + 1):  # iteration 0 warms up (numba compilation, caches)
         idx = rng.integers(0, len(labels), batch)
         t0 = time.perf_counter()
-        # as protocols.train: drawn on the CPU, then moved to the array module's device
-        x = _draw(images[idx], steps, rng, it, xp, input_rng)
+        x = draw_input(cfg, images[idx], steps, (2, it), xp)  # as protocols.train draws it
         y = xp.asarray(labels[idx])
         sync()
         t1 = time.perf_counter()
@@ -203,24 +203,7 @@ def _bench(topology: str, images, labels, iterations: int, batch: int, steps: in
             continue
         for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[key] += dt
-    total = sum(phases.values())
-    flops = dense_flops(layers, steps, batch)
-    per_iter = total / iterations
-    rates = [float(c.mean()) / steps for c in out.count[1:]]  # float() copies from a GPU
-    return {
-        "topology": topology,
-        "iterations": iterations,
-        "batch": batch,
-        "steps": steps,
-        "s_per_iteration": per_iter,
-        "images_per_s": batch / per_iter,
-        "phase_s_per_iteration": {k: v / iterations for k, v in phases.items()},
-        "phase_fraction": {k: v / total for k, v in phases.items()},
-        "dense_gflop_per_iteration": flops["total"] / 1e9,
-        "dense_gflops_achieved": flops["total"] / per_iter / 1e9,
-        "forward_dense_gflops_achieved": flops["forward"] / (phases["forward"] / iterations) / 1e9,
-        "spike_rate_per_layer_per_step": rates,
-    }
+    return _summary(topology, layers, phases, iterations, batch, steps, batch, out.count)
 
 
 def main(argv=None) -> int:

@@ -225,21 +225,42 @@ def backpropagate(layers: Sequence[Layer], params: Sequence[LayerParams | None],
             cols = _col_view(a_hat[i - 1], k, xp).reshape(batch * ho * wo, cin * k * k)
             d2 = delta.reshape(batch * ho * wo, m)
             g = (d2.T @ cols).reshape(m, cin, k, k)  # sum over images and positions
-            positions = ho * wo if bp.conv_reduction == "mean" else 1
-            grads[i] = g * dtype.type(1.0 / (batch * positions))
+            grads[i] = g * conv_gradient_scale(bp, batch, layer, dtype)
             if i > 1:
                 kmat = xp.asarray(params[i].weights, dtype=dtype).reshape(m, -1)
-                contrib = (d2 @ kmat).reshape(batch, ho, wo, cin, k, k)
-                back = xp.zeros((batch,) + layer.in_shape[1:] + (cin,), dtype=dtype)
-                for dy in range(k):
-                    for dx in range(k):
-                        back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
-        else:  # pooling: fixed weights w_pool from each window unit to its pooling unit
-            s = layer.size
-            back = xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
+                back = conv_input_error((d2 @ kmat).reshape(batch, ho, wo, cin, k, k), layer,
+                                        dtype, xp)
+        else:
+            back = pool_input_error(delta, layer, pool, dtype, xp)
         if i > 1:
             delta = back * derivs[i - 1]
     return grads
+
+
+def conv_gradient_scale(bp: BPParameters, batch: int, layer: ConvLayer, dtype):
+    """The factor on a conv kernel's summed gradient: 1/batch, and 1/positions as well with
+    ``bp.conv_reduction = 'mean'``."""
+    _, ho, wo = layer.shape
+    positions = ho * wo if bp.conv_reduction == "mean" else 1
+    return dtype.type(1.0 / (batch * positions))
+
+
+def conv_input_error(contrib, layer: ConvLayer, dtype, xp=np):
+    """The error a conv layer sends down, ``(rows, H, W, C_in)``, from each output position's
+    contribution to its window, ``contrib`` ``(rows, Ho, Wo, C_in, k, k)``."""
+    k = layer.kernel
+    _, ho, wo = layer.shape
+    back = xp.zeros((contrib.shape[0],) + layer.in_shape[1:] + (layer.in_shape[0],), dtype=dtype)
+    for dy in range(k):
+        for dx in range(k):
+            back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
+    return back
+
+
+def pool_input_error(delta, layer, pool: PoolingParameters, dtype, xp=np):
+    """The error a pooling layer sends down: its fixed weight w_pool from each window unit."""
+    s = layer.size
+    return xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
 
 
 def backward(

@@ -19,7 +19,8 @@ import numpy as np
 from models.batched import Forward, LayerParams
 from models.parameters import BPParameters, LIFParameters, PoolingParameters
 from models.topology import ConvLayer, FCLayer, Layer, PoolLayer
-from protocols.bp import (BatchStats, _col_view, activation_max, output_error, predict,
+from protocols.bp import (BatchStats, _col_view, activation_max, conv_gradient_scale,
+                          conv_input_error, output_error, pool_input_error, predict,
                           pseudo_derivative, tau_steps)
 
 
@@ -116,19 +117,14 @@ def _backpropagate(layers, params, a_hat, derivs, e, bp, pool, xp) -> list:
             cols = _col_view(a_hat[i - 1], k, xp).reshape(R, B * ho * wo, cin * k * k)
             d2 = delta.reshape(R, B * ho * wo, m)
             g = xp.matmul(d2.transpose(0, 2, 1), cols).reshape(R, m, cin, k, k)
-            positions = ho * wo if bp.conv_reduction == "mean" else 1
-            grads[i] = g * dtype.type(1.0 / (B * positions))
+            grads[i] = g * conv_gradient_scale(bp, B, layer, dtype)
             if i > 1:
                 kmat = xp.stack([xp.asarray(p[i].weights, dtype=dtype).reshape(m, -1)
                                  for p in params])
-                contrib = xp.matmul(d2, kmat).reshape(R * B, ho, wo, cin, k, k)
-                back = xp.zeros((R * B,) + layer.in_shape[1:] + (cin,), dtype=dtype)
-                for dy in range(k):
-                    for dx in range(k):
-                        back[:, dy:dy + ho, dx:dx + wo, :] += contrib[..., dy, dx]
-        else:  # pooling: fixed weights w_pool from each window unit to its pooling unit
-            s = layer.size
-            back = xp.repeat(xp.repeat(delta, s, axis=1), s, axis=2) * dtype.type(pool.weight)
+                back = conv_input_error(xp.matmul(d2, kmat).reshape(R * B, ho, wo, cin, k, k),
+                                        layer, dtype, xp)
+        else:
+            back = pool_input_error(delta, layer, pool, dtype, xp)
         if i > 1:
             delta = back * derivs[i - 1]
     return grads

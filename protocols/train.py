@@ -592,8 +592,8 @@ class TrainingRun:
         for i in range(1, len(self.layers) - 1):
             if float(out.count_cl[i].sum()) == 0:
                 name = layer_labels(self.layers)[i]
-                gated = (f"and with bp.silent_units = 'zero' a silent layer passes no gradient, "
-                         f"so no weight changes")
+                gated = ("and with bp.silent_units = 'zero' a silent layer passes no gradient, "
+                         "so no weight changes")
                 if self.iteration == 0:
                     self.diverged(
                         0, f"a silent start: hidden layer {name} fired no spike on the first "

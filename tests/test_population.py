@@ -83,18 +83,21 @@ def assert_same_run(frame, folder, reference_frame, reference_folder):
         assert a == b, name
 
 
+def assert_each_as_alone(ms_, results, tmp_path, data):
+    """Every member finished, with the metrics, weights and records of its single run."""
+    assert [r.status for r in results] == ["finished"] * len(ms_)
+    for m, r in zip(ms_, results):
+        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
+        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+
+
 @pytest.mark.parametrize("backend", ["numba", "xp"])
 def test_population_equals_runs_one_by_one(tmp_path, data, backend):
     """numba: members one after the other; xp: one batched pass per layer. Both exact on the
     CPU: every member's matrix products have its single run's shapes and layout."""
     ms_ = members(tmp_path, backend)
-    results = train_population(ms_, data, progress=False)
-    assert [r.status for r in results] == ["finished"] * 3
-    finals = []
-    for m, r in zip(ms_, results):
-        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
-        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
-        finals.append(weights(m.run_dir)["fc1_weights"])
+    assert_each_as_alone(ms_, train_population(ms_, data, progress=False), tmp_path, data)
+    finals = [weights(m.run_dir)["fc1_weights"] for m in ms_]
     # the members did learn different things (no weights shared or mixed up)
     assert not np.array_equal(finals[0], finals[1]) and not np.array_equal(finals[1], finals[2])
 
@@ -106,11 +109,7 @@ def test_members_draw_their_own_input_generator(tmp_path, data):
                   initialise(parse_topology(TOPOLOGY), rng_for(seed, 0), "lee", LIVELY), (),
                   {"arm": "test"})
            for seed, rng in enumerate(("splitmix64", "pcg64", "splitmix64"))]
-    results = train_population(ms_, data, progress=False)
-    assert [r.status for r in results] == ["finished"] * 3
-    for m, r in zip(ms_, results):
-        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
-        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+    assert_each_as_alone(ms_, train_population(ms_, data, progress=False), tmp_path, data)
 
 
 def lively_population(R: int = 3, B: int = 7, T: int = 12):
@@ -225,11 +224,8 @@ def test_population_with_per_member_thresholds_and_step_options(tmp_path, data):
                                  threshold_homeostasis=0.2, weight_decay=1e-3 * k,
                                  conv_eta_scale=1.0 + k)
         ms_.append(dataclasses.replace(m, cfg=dataclasses.replace(m.cfg, bp=bp)))
-    results = train_population(ms_, data, progress=False)
-    assert [r.status for r in results] == ["finished"] * 3
-    for m, r in zip(ms_, results):
-        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
-        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+    assert_each_as_alone(ms_, train_population(ms_, data, progress=False), tmp_path, data)
+    for m in ms_:
         assert not np.array_equal(weights(m.run_dir)["conv1_thresholds"],
                                   weights(m.run_dir, "initial.npz")["conv1_thresholds"])
 
@@ -263,10 +259,7 @@ def test_killed_population_resumes_every_member(tmp_path, data):
     assert int(np.load(ms_[0].run_dir / "checkpoint.npz")["iteration"]) == 4
     resumed = train_population([dataclasses.replace(m, initial_params=None) for m in ms_],
                                data, progress=False)
-    assert [r.status for r in resumed] == ["finished"] * 3
-    for m, r in zip(ms_, resumed):
-        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
-        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+    assert_each_as_alone(ms_, resumed, tmp_path, data)
     again = train_population(ms_, data, progress=False)
     assert all(r.status == "finished" and "already finished" in r.message for r in again)
 
@@ -318,10 +311,7 @@ def test_sigkilled_population_resumes_every_member(tmp_path, data):
                for m in ms_)
     resumed = train_population([dataclasses.replace(m, initial_params=None) for m in ms_],
                                data, progress=False)
-    assert [r.status for r in resumed] == ["finished"] * 3
-    for m, r in zip(ms_, resumed):
-        ref = alone(m, tmp_path / f"alone-{m.run_dir.name}", data)
-        assert_same_run(r.metrics, m.run_dir, ref, tmp_path / f"alone-{m.run_dir.name}")
+    assert_each_as_alone(ms_, resumed, tmp_path, data)
 
 
 def test_members_must_share_the_topology(tmp_path, data):
