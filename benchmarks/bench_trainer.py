@@ -273,7 +273,12 @@ def main(argv=None) -> int:
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if xp is not np:
         machine.update(gpu_versions(xp))  # CuPy, CUDA runtime, GPU name
+    from protocols.records import versions
+
     record = {
+        "command": "python benchmarks/bench_trainer.py " + " ".join(argv if argv is not None
+                                                                   else sys.argv[1:]),
+        "versions": versions(),  # with the git commit of the code that ran
         "machine": machine,
         "data": source,
         "reference": reference_name,
