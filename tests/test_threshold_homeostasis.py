@@ -81,8 +81,10 @@ def test_trainer_adapts_thresholds_and_resumes_identically(tmp_path):
     pd.testing.assert_frame_equal(full.drop(columns="wall_time_s"),
                                   rest.drop(columns="wall_time_s"))
     # off (the default), no threshold column and the thresholds stay as initialised
+    # (eta 0.5: at 3, without homeostasis, this net's pool1 falls silent by batch 3 and the
+    # gated run stops there)
     off = TrainConfig(topology=cfg.topology, training=cfg.training,
-                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=3.0))
+                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=0.5))
     plain = train(off, tmp_path / "off", data, params, excluded=range(3850), progress=False)
     assert "conv1_th_mean" not in plain.columns
     with np.load(tmp_path / "off" / "final.npz") as final:
