@@ -97,7 +97,9 @@ def test_backward_matches_plain_loop_reference(derivative, norm):
     layers = parse_topology("9x9x2-3C2-2P-2C2-6FC-3FC")
     rng = np.random.default_rng(11)
     params = initialise(layers, rng, init=InitParameters(alpha=0.5), dtype=np.float64)
-    bp = BPParameters(tau_p=7 * ms, derivative=derivative, activation_norm=norm)
+    # the options the loop reference implements: positions averaged, silent units passed
+    bp = BPParameters(tau_p=7 * ms, derivative=derivative, activation_norm=norm,
+                      conv_reduction="mean", silent_units="pass")
     lif, pool = LIFParameters(), PoolingParameters()
     x = rng.random((15, 4, 2, 9, 9)) < 0.5
     labels = np.array([0, 2, 1, 2])
@@ -153,7 +155,10 @@ def test_training_on_a_separable_toy_task_lowers_the_loss():
     # two classes: left half bright vs right half bright; a few SGD steps must learn it
     layers = parse_topology("6x6-4C3-2P-2FC")
     rng = np.random.default_rng(7)
-    params = initialise(layers, rng)
+    # alpha = 1: the output fires from the start. At the default alpha = 20 it is silent, the
+    # error (-1 at the label) of the first step drives conv1 silent, and under the gated
+    # gradient (bp.silent_units = "zero", the default) a silent layer never learns again
+    params = initialise(layers, rng, init=InitParameters(alpha=1.0))
     bp = BPParameters(eta=3.0)
     images = np.zeros((40, 6, 6), dtype=np.uint8)
     labels = np.arange(40) % 2

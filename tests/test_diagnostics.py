@@ -13,6 +13,7 @@ from models.parameters import BPParameters
 from models.topology import parse_topology
 from protocols.diagnostics import ActivityTally, StepTally, weight_columns
 from protocols.train import TrainConfig, TrainingSettings, metrics_frame, rng_for, train
+from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
 
 
 def test_activity_tally_counts_spikes_silent_and_saturated_units():
@@ -68,7 +69,7 @@ def data():
 def test_metrics_rows_carry_the_measured_relative_steps(tmp_path, data):
     """With a row per iteration, each row's rel_step is the relative change of the weights
     between consecutive checkpoints, and wnorm their norm."""
-    params = initialise(parse_topology(TINY.topology), rng_for(0, 0))
+    params = initialise(parse_topology(TINY.topology), rng_for(0, 0), "lee", LIVELY)
     weights = []
     for _ in range(3):
         frame = train(TINY, tmp_path, data, params, progress=False, stop_after=1)
@@ -88,19 +89,25 @@ def test_metrics_rows_carry_the_measured_relative_steps(tmp_path, data):
 
 
 def test_runs_recorded_before_an_option_existed_still_resume(tmp_path, data):
+    """A record without these options was made under the values of that time (LEGACY_VALUES:
+    conv_reduction 'mean', silent_units 'pass'), not under today's defaults ('sum', 'zero'):
+    it resumes with those values, and today's defaults are another run."""
     params = initialise(parse_topology(TINY.topology), rng_for(0, 0))
-    cfg = dataclasses.replace(TINY, bp=BPParameters(t_first_epoch=6 * ms,
-                                                    t_later_epochs=4 * ms))
+    then = BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, conv_reduction="mean",
+                        silent_units="pass", conv_eta_scale=1.0, weight_decay=0.0)
+    cfg = dataclasses.replace(TINY, bp=then)
     train(cfg, tmp_path, data, params, progress=False, stop_after=1)
     record = json.loads((tmp_path / "config.json").read_text())
     for key in ("silent_units", "conv_reduction", "conv_eta_scale", "weight_decay"):
         del record["config"]["bp"][key]  # as written before these options existed
     (tmp_path / "config.json").write_text(json.dumps(record))
-    frame = train(cfg, tmp_path, data, None, progress=False)  # the defaults: the same run
+    frame = train(cfg, tmp_path, data, None, progress=False)  # the values of that time
     assert list(frame.iteration) == [0, 1, 2, 3]
-    other = dataclasses.replace(cfg, bp=dataclasses.replace(cfg.bp, conv_reduction="sum"))
-    with pytest.raises(ValueError, match="different 'config'"):
-        train(other, tmp_path, data, None, progress=False)
+    today = dataclasses.replace(cfg, bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms))
+    summed = dataclasses.replace(cfg, bp=dataclasses.replace(cfg.bp, conv_reduction="sum"))
+    for other in (today, summed):
+        with pytest.raises(ValueError, match="different 'config'"):
+            train(other, tmp_path, data, None, progress=False)
 
 
 def test_missing_options_take_their_legacy_value_not_a_changed_default(monkeypatch):

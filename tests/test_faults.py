@@ -22,7 +22,8 @@ from models.initialisation import initialise
 from models.parameters import BPParameters
 from models.topology import parse_topology
 from protocols.train import TrainConfig, TrainingDiverged, TrainingSettings, rng_for, train
-from test_train import write_config as write_study_config  # noqa: E402 (tests/ on sys.path)
+from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
+from test_train import write_config as write_study_config  # noqa: E402
 
 # what this module tests of protocols.runstate and protocols.records is imported in each test, so
 # that each one fails on its own where the behaviour is missing
@@ -39,7 +40,7 @@ batch_images = 20
 """
 
 
-def write_config(tmp_path, out, arm="supervised", iterations=40, eta=3.0, name="c.toml"):
+def write_config(tmp_path, out, arm="supervised", iterations=40, eta=2.0, name="c.toml"):
     """test_train's tiny study config with RUNTIME_PRETRAINING."""
     return write_study_config(tmp_path, name=name, arm=arm, iterations=iterations,
                               extra=RUNTIME_PRETRAINING, out=str(out), eta=eta)
@@ -220,7 +221,8 @@ def _tiny(iterations=4, eta=3.0, guard=None):
                                                 train_eval_images=20, test_eval_images=20,
                                                 eval_duration="5 ms"),
                       bp=BPParameters(eta=eta, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
-    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+    # alive at the start (LIVELY): a silent pool1 would stop every run at iteration 0
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     return cfg, load_dataset("mnist-5k"), params
 
 

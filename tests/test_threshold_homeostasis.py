@@ -17,6 +17,7 @@ from models.parameters import BPParameters, ParameterError
 from models.topology import parse_topology
 from protocols.bp import adapt_thresholds, map_rates
 from protocols.train import TrainConfig, TrainingSettings, rng_for, train
+from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
 
 
 def test_rule_on_hand_worked_numbers():
@@ -68,7 +69,8 @@ def test_trainer_adapts_thresholds_and_resumes_identically(tmp_path):
                                                 test_eval_images=50, eval_duration="5 ms"),
                       bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms,
                                       eta=3.0, threshold_homeostasis=0.2))
-    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+    # alive at the start: the run without homeostasis below would stop at a silent pool1
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     full = train(cfg, tmp_path / "full", data, params, excluded=range(3850), progress=False)
     assert "conv1_th_mean" in full.columns
     th = full.conv1_th_mean.to_numpy()
@@ -79,8 +81,10 @@ def test_trainer_adapts_thresholds_and_resumes_identically(tmp_path):
     pd.testing.assert_frame_equal(full.drop(columns="wall_time_s"),
                                   rest.drop(columns="wall_time_s"))
     # off (the default), no threshold column and the thresholds stay as initialised
+    # (eta 0.5: at 3, without homeostasis, this net's pool1 falls silent by batch 3 and the
+    # gated run stops there)
     off = TrainConfig(topology=cfg.topology, training=cfg.training,
-                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=3.0))
+                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=0.5))
     plain = train(off, tmp_path / "off", data, params, excluded=range(3850), progress=False)
     assert "conv1_th_mean" not in plain.columns
     with np.load(tmp_path / "off" / "final.npz") as final:

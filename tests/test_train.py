@@ -17,7 +17,7 @@ import pytest
 from brian2 import ms
 
 from models.initialisation import initialise
-from models.parameters import BPParameters
+from models.parameters import BPParameters, InitParameters
 from models.topology import parse_topology
 from protocols.config import ConfigError, load_config
 from protocols.study import StudyConfig, load_pretrained_conv, run_study
@@ -25,6 +25,12 @@ from protocols.train import (TrainConfig, TrainingDiverged, TrainingSettings, ma
                              rng_for, train)
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: the initialisation of the in-process tiny nets below that must train: at the default
+#: alpha = 20 their pool1 fires no spike in a 6 ms presentation, and under the gated
+#: fine-tuning (bp.silent_units = "zero", the default) such a start stops at once as 'diverged'
+#: (TrainingRun.check_live_start); at alpha = 3 every hidden layer fires
+LIVELY = InitParameters(alpha=3.0)
 
 TINY = """
 topology = "28x28-4C5-2P-10FC"
@@ -50,8 +56,10 @@ t_later_epochs = "6 ms"
 
 
 def write_config(tmp_path, name="c.toml", arm="supervised", iterations=16, extra="", out=None,
-                 eta=3.0):
-    """The tiny study config of these tests; ``extra``: more top-level keys or tables."""
+                 eta=2.0):
+    """The tiny study config of these tests; ``extra``: more top-level keys or tables. eta = 2
+    (the default of the summed conv gradient): at 3 the supervised run fell back to chance
+    by iteration 16 and the divergence guard stopped it."""
     out = out or str(tmp_path / "run")
     path = tmp_path / name
     path.write_text(TINY.format(arm=arm, out=out, iterations=iterations, extra=extra, eta=eta))
@@ -136,8 +144,10 @@ def test_in_process_resume_matches_uninterrupted(tmp_path):
     cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
                       training=TrainingSettings(iterations=6, log_every=2, train_eval_images=50,
                                                 test_eval_images=50, eval_duration="5 ms"),
-                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms))
-    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+                      # eta 0.2: at the default 2, this 3-map net's summed conv gradient
+                      # silences pool1 within a few batches and the gated run stops
+                      bp=BPParameters(eta=0.2, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     full = train(cfg, tmp_path / "full", data, params, excluded=range(3850), progress=False)
     part = train(cfg, tmp_path / "part", data, params, excluded=range(3850), progress=False,
                  stop_after=3)  # stops after iteration 3, last checkpoint at 2
@@ -166,19 +176,18 @@ def test_divergence_stops_with_a_clear_status(tmp_path):
                       training=TrainingSettings(iterations=5, log_every=5, train_eval_images=20,
                                                 test_eval_images=20, eval_duration="5 ms"),
                       bp=BPParameters(eta=1e38, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
-    params = initialise(parse_topology(cfg.topology), rng_for(0, 0))
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     with pytest.raises(TrainingDiverged, match="diverged at iteration"):
         train(cfg, tmp_path, data, params, progress=False)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "diverged" and "lower bp.eta" in status["message"]
     assert (tmp_path / "metrics.csv").exists()
     # the command reports it and exits with status 3
-    cfg_path = write_config(tmp_path, iterations=3, out=str(tmp_path / "cli"))
-    text = cfg_path.read_text().replace("eta = 3.0", "eta = 1e38")
-    cfg_path.write_text(text)
+    cfg_path = write_config(tmp_path, iterations=3, out=str(tmp_path / "cli"), eta=1e38)
     proc = _run(cfg_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3 and "diverged" in err
+    assert "lower bp.eta" in err  # the step's divergence, not a silent start
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -320,7 +329,7 @@ def test_input_rng_is_a_recorded_option_of_the_run(tmp_path):
     from protocols.encoding import counter_key, poisson_spikes_counter
 
     data = load_dataset("mnist-5k")
-    params = initialise(parse_topology("28x28-3C5-2P-10FC"), rng_for(0, 0))
+    params = initialise(parse_topology("28x28-3C5-2P-10FC"), rng_for(0, 0), "lee", LIVELY)
 
     def config(rng: str, iterations: int = 3) -> TrainConfig:
         return TrainConfig(topology="28x28-3C5-2P-10FC", seed=4,
