@@ -50,6 +50,7 @@ from models.initialisation import initialise  # noqa: E402
 from models.parameters import BPParameters, LIFParameters  # noqa: E402
 from models.topology import DEEP, SHALLOW, ConvLayer, FCLayer, PoolLayer, parse_topology  # noqa: E402
 from protocols.bp import backward, sgd_step, tau_steps  # noqa: E402
+from protocols.records import versions  # noqa: E402
 from protocols.train import TrainConfig, TrainingSettings, blas_limit, draw_input  # noqa: E402
 from benchmarks.reference import sgemm_gflops  # noqa: E402
 
@@ -273,8 +274,6 @@ def main(argv=None) -> int:
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if xp is not np:
         machine.update(gpu_versions(xp))  # CuPy, CUDA runtime, GPU name
-    from protocols.records import versions
-
     record = {
         "command": "python benchmarks/bench_trainer.py " + " ".join(argv if argv is not None
                                                                    else sys.argv[1:]),
