@@ -92,11 +92,10 @@ from pathlib import Path
 import numpy as np
 
 from models.topology import DEEP, SHALLOW, ConvLayer, PoolLayer, parse_topology
+from protocols.datasets import SUBSET_SEED, fixed_subset
 from protocols.pretrain import PretrainConfig, pretrain, pretraining_indices
 from protocols.records import atomic_savez, atomic_write_bytes, versions
 
-#: seed of the fixed train/test subsets (independent of the readout seeds)
-SUBSET_SEED = 20180435
 #: stream keys of np.random.SeedSequence([seed, key]) (pre-training uses default_rng(seed) itself)
 STREAM_RANDOM_KERNELS, STREAM_TUNING, STREAM_TRAIN, STREAM_TEST = 1, 2, 3, 4
 ARMS = ("stdp", "random")
@@ -494,11 +493,9 @@ def pixel_reference(data, train_idx, test_idx, rcfg: ReadoutConfig) -> dict:
 
 def subset(n_total: int, n: int | None) -> np.ndarray:
     """All indices, or a fixed seeded sample of ``n`` (sorted), the same for every seed."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    if n < 1:
+    if n is not None and n < 1:
         raise ValueError(f"subset size must be positive, got {n}")
-    return np.sort(np.random.default_rng(SUBSET_SEED).choice(n_total, size=n, replace=False))
+    return fixed_subset(n_total, n)
 
 
 CSV_FIELDS = ("seed", "arm", "features", "test_accuracy", "train_accuracy", "n_train", "n_test",

@@ -74,7 +74,7 @@ SHARED = (("topology",), ("bp", "batch_size"), ("bp", "t_first_epoch"),
           ("lif",), ("pooling",), ("training", "dtype"), ("training", "array_module"),
           ("training", "backend"), ("training", "eval_duration"),
           ("training", "train_eval_images"), ("training", "test_eval_images"),
-          ("training", "blas_threads"))
+          ("training", "test_subset"), ("training", "blas_threads"))
 
 
 def check_members(members: Sequence[Member]) -> None:

@@ -51,6 +51,7 @@ from models.parameters import BPParameters, InputParameters, LIFParameters, Pool
 from models.topology import SHALLOW, parse_topology
 from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, layer_learning_rates,
                           map_rates, output_probabilities, predict, sgd_step, tau_steps)
+from protocols.datasets import fixed_subset
 from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns, layer_labels,
                                    weight_columns)
 from protocols.encoding import counter_key, n_steps, poisson_spikes, poisson_spikes_counter
@@ -81,8 +82,13 @@ class TrainingSettings:
     checkpoint_every: int = 0
     #: fixed training sample for train_error / train_nll (first n of a seeded permutation)
     train_eval_images: int = 1000
-    #: test images for test_error / test_nll (the first n of the test set; 0 = all)
+    #: test images for test_error / test_nll (0 = all); which ones: ``test_subset``
     test_eval_images: int = 0
+    #: [choice] 'sample': a fixed seeded sample (protocols.datasets.fixed_subset), the same
+    #: images for every seed and arm, because a split's first n are not a fair sample (mnist-5k
+    #: is sorted by digit; MNIST's first 2,000 test images are harder than the rest). 'first': the
+    #: first n, as every run recorded before this option. Either way 0 or n >= the split = all
+    test_subset: Literal["sample", "first"] = "sample"
     #: [choice] 50 ms, the later epochs' presentation [paper]: the length most of training
     #: uses, so that every point of an error curve is measured the same way
     eval_duration: str = "50 ms"
@@ -120,6 +126,8 @@ class TrainingSettings:
             raise ValueError(f"array_module must be 'numpy' or 'cupy', got {self.array_module!r}")
         if self.backend not in ("auto", "numba", "xp"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'xp', got {self.backend!r}")
+        if self.test_subset not in ("sample", "first"):
+            raise ValueError(f"test_subset must be 'sample' or 'first', got {self.test_subset!r}")
         if self.input_rng not in ("pcg64", "splitmix64"):
             raise ValueError(f"input_rng must be 'pcg64' or 'splitmix64', got {self.input_rng!r}")
         if self.array_module == "cupy" and self.backend == "numba":
@@ -330,6 +338,7 @@ LEGACY_VALUES: dict[tuple[str, str], object] = {
     ("bp", "silent_units"): "pass",
     ("bp", "conv_eta_scale"): 1.0,
     ("bp", "weight_decay"): 0.0,
+    ("training", "test_subset"): "first",
 }
 
 
@@ -349,12 +358,15 @@ def _with_new_defaults(config: dict) -> dict:
 
 
 def _comparable(config):
-    """A run's recorded configuration without the keys of RESUMABLE_CHANGES."""
+    """A run's recorded configuration without the keys of RESUMABLE_CHANGES (nor test_subset
+    when the run evaluates every test image)."""
     if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
         return config
     config = {k: v for k, v in _with_new_defaults(config).items() if k != "guard"}
+    # with the whole test split evaluated, which subset rule applies does not matter
+    unused = ("test_subset",) if not config["training"].get("test_eval_images") else ()
     return {**config, "training": {k: v for k, v in config["training"].items()
-                                   if k not in RESUMABLE_CHANGES}}
+                                   if k not in RESUMABLE_CHANGES + unused}}
 
 
 class TrainingRun:
@@ -474,10 +486,12 @@ class TrainingRun:
         _write_status(self.run_dir, "running", f"training from iteration {self.start}")
         n_tr = min(cfg.training.train_eval_images, len(data.train_labels))
         tr_idx = np.sort(rng_for(cfg.seed, 4).permutation(len(data.train_labels))[:n_tr])
-        n_te = cfg.training.test_eval_images or len(data.test_labels)
-        n_te = min(n_te, len(data.test_labels))
+        n_test = len(data.test_labels)
+        te_idx = (fixed_subset(n_test, cfg.training.test_eval_images)
+                  if cfg.training.test_subset == "sample"
+                  else np.arange(min(cfg.training.test_eval_images or n_test, n_test)))
         self.tr_x, self.tr_y = data.train_images[tr_idx], np.asarray(data.train_labels)[tr_idx]
-        self.te_x, self.te_y = data.test_images[:n_te], np.asarray(data.test_labels)[:n_te]
+        self.te_x, self.te_y = data.test_images[te_idx], np.asarray(data.test_labels)[te_idx]
         self.tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
         self.t_first = n_steps(cfg.bp.t_first_epoch, cfg.lif.dt)
         self.t_later = n_steps(cfg.bp.t_later_epochs, cfg.lif.dt)

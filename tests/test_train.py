@@ -427,3 +427,50 @@ def test_a_layer_falling_silent_later_stops_the_run_too(tmp_path):
     pass_cfg = dataclasses.replace(cfg, bp=dataclasses.replace(cfg.bp, silent_units="pass"))
     train(pass_cfg, tmp_path / "pass", data, params, progress=False)
     assert json.loads((tmp_path / "pass" / "status.json").read_text())["status"] == "finished"
+
+
+def test_a_test_subset_is_a_fair_sample_the_same_for_every_seed(tmp_path, monkeypatch):
+    """test_eval_images < the split evaluates a fixed seeded sample (test_subset = 'sample', the
+    default), not the split's first images: on mnist-5k, sorted by digit, the first 50 are all
+    zeros. The sample is the same for every seed; 'first' keeps the rule of older runs, and an
+    old record reads as 'first' (it resumes) unless it evaluated the whole split."""
+    from protocols import train as train_module
+    from protocols.config import config_to_dict
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+    seen = {}
+
+    def spy(layers, params, images, labels, *args, **kwargs):
+        seen.setdefault(key, []).append(np.asarray(labels).copy())
+        if len(seen[key]) == 2:  # the training sample, then the test set
+            raise RuntimeError("stop after the first evaluation")
+        return 0.5, 1.0
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    for key, (rule, seed) in {"sample0": ("sample", 0), "sample1": ("sample", 1),
+                              "first": ("first", 0)}.items():
+        cfg = TrainConfig(topology="28x28-3C5-2P-10FC", seed=seed,
+                          training=TrainingSettings(iterations=1, train_eval_images=20,
+                                                    test_eval_images=50, test_subset=rule))
+        with pytest.raises(RuntimeError, match="stop after"):
+            train(cfg, tmp_path / key, data, initialise(parse_topology(cfg.topology),
+                                                          rng_for(seed, 0)), progress=False)
+    test_labels = {key: calls[1] for key, calls in seen.items()}
+    assert set(test_labels["first"]) == {0}
+    assert len(set(test_labels["sample0"])) == 10  # every digit, in about equal numbers
+    assert np.bincount(test_labels["sample0"]).max() <= 10
+    np.testing.assert_array_equal(test_labels["sample0"], test_labels["sample1"])
+    with pytest.raises(ValueError, match="test_subset"):
+        TrainingSettings(test_subset="random")
+
+    old = config_to_dict(TrainConfig(training=TrainingSettings(test_eval_images=50)))
+    del old["training"]["test_subset"]  # as recorded before the option existed
+    first = TrainConfig(training=TrainingSettings(test_eval_images=50, test_subset="first"))
+    assert train_module._comparable(old) == train_module._comparable(config_to_dict(first))
+    assert train_module._comparable(old) != train_module._comparable(config_to_dict(
+        TrainConfig(training=TrainingSettings(test_eval_images=50))))
+    whole = config_to_dict(TrainConfig())
+    del whole["training"]["test_subset"]  # all test images: either rule is the same run
+    assert train_module._comparable(whole) == train_module._comparable(
+        config_to_dict(TrainConfig()))
