@@ -357,6 +357,25 @@ def _with_new_defaults(config: dict) -> dict:
     return out
 
 
+def _segment(record: dict, start) -> dict:
+    training = (record.get("config") or {}).get("training") or {}
+    return {"from_iteration": start, "versions": record.get("versions"),
+            "command": record.get("command"),
+            **{k: training.get(k) for k in ("array_module", "backend", "blas_threads")}}
+
+
+def run_segments(previous: dict | None, record: dict, start: int) -> list[dict]:
+    """Where each stretch of a run ran: the previous record's segments (one for a record written
+    before segments existed: its last writer, start unknown) and this one, from ``start``. A
+    run resumed on another machine or device keeps what ran before (versions, commit, command,
+    array module); the top-level ``versions`` and ``command`` are the last segment's."""
+    if previous is None:
+        before = []
+    else:
+        before = previous.get("segments") or [_segment(previous, None)]
+    return [*before, _segment(record, int(start))]
+
+
 def _comparable(config):
     """A run's recorded configuration without the keys of RESUMABLE_CHANGES (nor test_subset
     when the run evaluates every test image)."""
@@ -409,6 +428,7 @@ class TrainingRun:
             **(extra_record or {}),
         }
         self.config_path = config_path = run_dir / "config.json"
+        self.previous_record = None
         if config_path.exists():
             old = read_json(config_path, "run record", "use a new run folder (--out)")
             if not isinstance(old, dict):
@@ -423,6 +443,7 @@ class TrainingRun:
                     raise ValueError(
                         f"{run_dir} holds a run with a different {key!r}{why}; resume needs the "
                         f"same configuration: start the new one in a new run folder (--out NEW)")
+            self.previous_record = old
 
         self.checkpoint = checkpoint = run_dir / "checkpoint.npz"
         self.rows: list[dict] = []
@@ -482,6 +503,7 @@ class TrainingRun:
         """Record the run as running; fix the evaluation sets, the homeostasis targets, the
         learning rates and the clock."""
         cfg, data = self.cfg, self.data
+        self.record["segments"] = run_segments(self.previous_record, self.record, self.start)
         atomic_write_json(self.config_path, self.record)
         _write_status(self.run_dir, "running", f"training from iteration {self.start}")
         n_tr = min(cfg.training.train_eval_images, len(data.train_labels))

@@ -474,3 +474,33 @@ def test_a_test_subset_is_a_fair_sample_the_same_for_every_seed(tmp_path, monkey
     del whole["training"]["test_subset"]  # all test images: either rule is the same run
     assert train_module._comparable(whole) == train_module._comparable(
         config_to_dict(TrainConfig()))
+
+
+def test_a_resumed_run_keeps_where_each_stretch_ran(tmp_path):
+    """config.json's 'segments' lists every stretch of a run (start iteration, versions, command,
+    array module, backend): resuming elsewhere adds one and keeps the earlier ones; a record
+    written before segments existed becomes one segment of unknown start."""
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+
+    def cfg(iterations, backend):
+        return TrainConfig(topology="28x28-3C5-2P-10FC",
+                           training=TrainingSettings(iterations=iterations, log_every=2,
+                                                     train_eval_images=20, test_eval_images=20,
+                                                     eval_duration="5 ms", backend=backend),
+                           bp=BPParameters(eta=0.2, t_first_epoch=6 * ms, t_later_epochs=4 * ms))
+
+    params = initialise(parse_topology("28x28-3C5-2P-10FC"), rng_for(0, 0), "lee", LIVELY)
+    train(cfg(4, "numba"), tmp_path, data, params, progress=False, stop_after=2)
+    train(cfg(4, "xp"), tmp_path, data, None, progress=False)
+    record = json.loads((tmp_path / "config.json").read_text())
+    starts = [(s["from_iteration"], s["backend"]) for s in record["segments"]]
+    assert starts == [(0, "numba"), (2, "xp")]
+    assert record["segments"][-1]["versions"] == record["versions"]
+    del record["segments"]  # as written before segments existed
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    train(cfg(6, "numba"), tmp_path, data, None, progress=False)
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert [(s["from_iteration"], s["backend"]) for s in record["segments"]] == [
+        (None, "xp"), (4, "numba")]
