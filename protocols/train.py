@@ -361,14 +361,14 @@ def _segment(record: dict, start) -> dict:
     training = (record.get("config") or {}).get("training") or {}
     return {"from_iteration": start, "versions": record.get("versions"),
             "command": record.get("command"),
-            **{k: training.get(k) for k in ("array_module", "backend", "blas_threads")}}
+            **{k: training.get(k) for k in RESUMABLE_CHANGES}}
 
 
 def run_segments(previous: dict | None, record: dict, start: int) -> list[dict]:
     """Where each stretch of a run ran: the previous record's segments (one for a record written
     before segments existed: its last writer, start unknown) and this one, from ``start``. A
     run resumed on another machine or device keeps what ran before (versions, commit, command,
-    array module); the top-level ``versions`` and ``command`` are the last segment's."""
+    and the RESUMABLE_CHANGES keys: length, array module, backend, BLAS threads); the top-level ``versions`` and ``command`` are the last segment's."""
     if previous is None:
         before = []
     else:
