@@ -12,11 +12,17 @@ The calibration runs the package's own code on this machine, in a temporary fold
 
 A run's estimate is its pre-training + its remaining iterations + its remaining evaluations
 (from its ``metrics.csv``, so interrupted and extendable runs count only what is left). The wall
-time of the sweep is the longest-first schedule of those estimates over the workers. The
-calibration measures one process: when workers × threads exceed the CPUs, each run is assumed
-to slow down by that factor. Spike counts, and so the cost of the event-driven forward pass,
-change as the network learns: the estimate is for the initial network, good to a factor of
-about 1.5 (the shallow net's trained conv layer spikes more, see docs/benchmarks.md).
+time of the sweep is the longest-first schedule of those estimates over the workers.
+
+The calibration runs in the layout the sweep will run in: as many copies at once as the sweep
+will run at once (``--workers``, at most the number of runs left), each in its own worker
+process with ``--threads`` threads (:func:`protocols.sweep.local_client`), and the copies'
+times are averaged. So the threads a run gets and the cores and memory bandwidth it shares are
+in the measurement, not modelled (a calibration in the calling process, with all of its
+threads, put a 2-worker, 1-thread sweep on 2 cores at 1.7x the speed it runs at). The
+calibration sees the initial network; spike counts, and so the cost of the event-driven
+forward pass, change as the network learns (on the shallow net the cost per iteration stays
+the same, docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -112,6 +118,29 @@ def calibrate(cfg: StudyConfig, data_dir: str | None = None, iterations: int = 3
                        s_per_eval_image=(first[1] + later[1]) / 2, pretrain_s=pretrain_s)
 
 
+def _calibrate_in_worker(cfg: StudyConfig, data_dir: str | None, iterations: int,
+                         eval_images: int, pretraining: bool) -> Calibration:
+    """:func:`calibrate` as a Dask task; leaves the worker's Brian2 device as a sweep task does."""
+    from protocols.sweep import _reset_brian2
+
+    try:
+        return calibrate(cfg, data_dir, iterations, eval_images, pretraining)
+    finally:
+        _reset_brian2()
+
+
+def calibrate_concurrently(client, cfg: StudyConfig, copies: int, data_dir: str | None = None,
+                           iterations: int = 3, eval_images: int = 100,
+                           pretraining: bool | None = None) -> Calibration:
+    """:func:`calibrate` run ``copies`` times at once on ``client``'s workers (the load of a
+    sweep running that many runs at once); the mean of the copies."""
+    futures = [client.submit(_calibrate_in_worker, cfg, data_dir, iterations, eval_images,
+                             pretraining, pure=False) for _ in range(max(1, copies))]
+    cals = client.gather(futures)
+    return Calibration(*(sum(getattr(c, f.name) for c in cals) / len(cals)
+                         for f in dataclasses.fields(Calibration)))
+
+
 def _done_iterations(run_dir: Path) -> int:
     """The iteration a run would resume from: the last row of its metrics.csv (0 if none)."""
     path = run_dir / "metrics.csv"
@@ -168,44 +197,51 @@ def format_duration(seconds: float) -> str:
 def estimate(configs: list[StudyConfig], workers: int, threads: int = 1,
              data_dir: str | None = None, iterations: int = 3, eval_images: int = 100,
              say=print) -> dict:
-    """Calibrate once per kind of run, estimate every run, and print the sweep's wall time."""
+    """Calibrate once per kind of run (in the sweep's own layout of ``workers`` processes of
+    ``threads`` threads, see the module docstring), estimate every run, and print the sweep's
+    wall time."""
     from protocols.datasets import load_dataset
+    from protocols.sweep import local_client
 
     calibrations: dict = {}
     sizes: dict = {}
     per_run = []
+    copies = max(1, min(workers, len(configs)))
     needs_pretraining = {_calibration_key(c) for c in configs if c.arm == "pretrained"}
-    for cfg in configs:
-        key = _calibration_key(cfg)
-        if key not in calibrations:
-            pretraining = key in needs_pretraining
-            say(f"calibrating {cfg.topology} ({cfg.dataset}) on this machine: "
-                f"{iterations} iterations at each presentation length and {2 * eval_images} "
-                f"evaluated images" + (", one pre-training batch" if pretraining else ""))
-            calibrations[key] = calibrate(cfg, data_dir, iterations, eval_images, pretraining)
-            cal = calibrations[key]
-            say(f"  {cal.s_per_iteration_later * 1e3:.0f} ms per iteration "
-                f"({cal.s_per_iteration_first * 1e3:.0f} ms in the first epoch), "
-                f"{cal.s_per_eval_image * 1e3:.1f} ms per evaluated image"
-                + (f", pre-training {format_duration(cal.pretrain_s)}" if pretraining else ""))
-        if cfg.dataset not in sizes:
-            data = load_dataset(cfg.dataset, data_dir)
-            sizes[cfg.dataset] = (len(data.train_labels), len(data.test_labels))
-        per_run.append(run_seconds(cfg, calibrations[key], *sizes[cfg.dataset]))
-    cpus = os.cpu_count() or 1
-    slowdown = max(1.0, workers * threads / cpus)
-    wall = schedule_wall_time([s * slowdown for s in per_run], workers)
+    load = os.getloadavg()[0]
+    with local_client(copies, threads) as client:
+        for cfg in configs:
+            key = _calibration_key(cfg)
+            if key not in calibrations:
+                pretraining = key in needs_pretraining
+                say(f"calibrating {cfg.topology} ({cfg.dataset}) on this machine, {copies} "
+                    f"at once with {threads} thread(s) each: {iterations} iterations at each "
+                    f"presentation length and {2 * eval_images} evaluated images"
+                    + (", one pre-training batch" if pretraining else ""))
+                calibrations[key] = calibrate_concurrently(client, cfg, copies, data_dir,
+                                                           iterations, eval_images, pretraining)
+                cal = calibrations[key]
+                say(f"  {cal.s_per_iteration_later * 1e3:.0f} ms per iteration "
+                    f"({cal.s_per_iteration_first * 1e3:.0f} ms in the first epoch), "
+                    f"{cal.s_per_eval_image * 1e3:.1f} ms per evaluated image"
+                    + (f", pre-training {format_duration(cal.pretrain_s)}" if pretraining
+                       else ""))
+            if cfg.dataset not in sizes:
+                data = load_dataset(cfg.dataset, data_dir)
+                sizes[cfg.dataset] = (len(data.train_labels), len(data.test_labels))
+            per_run.append(run_seconds(cfg, calibrations[key], *sizes[cfg.dataset]))
+    wall = schedule_wall_time(per_run, workers)
     for cfg, s in zip(configs, per_run):
         say(f"  {format_duration(s):>14}  {cfg.out}")
-    load = os.getloadavg()[0]
-    say(f"estimate: {len(configs)} runs, {format_duration(sum(per_run))} of single-process "
-        f"work; on {workers} worker(s) x {threads} thread(s) ({cpus} CPUs"
-        + (f", each run {slowdown:.1f}x slower" if slowdown > 1 else "")
-        + f"): about {format_duration(wall)} wall time (calibrated at load average {load:.1f}; "
-        f"a busy machine over-estimates)")
+    cpus = os.cpu_count() or 1
+    say(f"estimate: {len(configs)} runs, {format_duration(sum(per_run))} of work as timed "
+        f"{copies} at once; on {workers} worker(s) x {threads} thread(s) ({cpus} CPUs): about "
+        f"{format_duration(wall)} wall time (calibrated with the initial network at load "
+        f"average {load:.1f}; a busy machine over-estimates)")
     return {"runs": [c.out for c in configs], "seconds": per_run, "wall_s": wall,
+            "copies": copies, "threads": threads,
             "calibrations": [dataclasses.asdict(v) for v in calibrations.values()]}
 
 
-__all__ = ["Calibration", "calibrate", "estimate", "run_seconds", "schedule_wall_time",
-           "format_duration"]
+__all__ = ["Calibration", "calibrate", "calibrate_concurrently", "estimate", "run_seconds",
+           "schedule_wall_time", "format_duration"]

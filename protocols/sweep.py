@@ -216,16 +216,48 @@ def _reset_brian2() -> None:
         set_device("runtime")
 
 
-def _client(scheduler: str | None, workers: int, threads: int):
+def local_client(workers: int, threads: int):
+    """A Dask client on ``workers`` local processes of ``threads`` BLAS/numba threads each: the
+    layout a sweep runs in, and the one its ``--dry-run`` calibrates in.
+
+    The worker's environment is set before its process starts (Dask's
+    ``distributed.nanny.pre-spawn-environ``), measured on 2 cores (docs/sweeps.md):
+
+    * the thread counts: a spawned worker imports numpy and numba while it unpickles its entry
+      point, before ``LocalCluster(env=...)`` is applied, so numba kept one thread per CPU and
+      two 1-thread workers oversubscribed the cores;
+    * without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it turns off glibc's
+      adaptive mmap threshold, so every large temporary array of a training step is mapped
+      and unmapped afresh (page faults), which made numpy element-wise work 3x slower.
+
+    Together these made a sweep's run 2.4x slower than the same run in a plain process."""
+    import dask
     from dask.distributed import Client, LocalCluster
+
+    env = {var: str(threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                         "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
+                 "MALLOC_TRIM_THRESHOLD_": None}  # None: not set (glibc's own default)
+    before = {var: os.environ.get(var) for var in pre_spawn}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env=env)
+    finally:  # the nanny writes them into this process's environment too; put it back
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    return Client(cluster)
+
+
+def _client(scheduler: str | None, workers: int, threads: int):
+    from dask.distributed import Client
 
     if scheduler:
         return Client(scheduler)
-    env = {var: str(threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                         "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, env=env)
-    return Client(cluster)
+    return local_client(workers, threads)
 
 
 def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, threads: int = 1,

@@ -145,6 +145,26 @@ def test_cli_array_module_override_reaches_every_run(tmp_path, monkeypatch):
     assert seen["modules"] == {"numpy"}
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="needs Linux's /proc")
+def test_local_workers_start_with_the_thread_counts_and_glibc_malloc_defaults():
+    # /proc/self/environ is the environment the worker's interpreter started with: what numpy
+    # and numba saw when the worker imported them, before Dask applies LocalCluster(env=...)
+    from protocols.sweep import local_client
+
+    keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    before = {k: os.environ.get(k) for k in keys}
+    with local_client(2, 1) as client:
+        started = client.run(lambda: dict(
+            line.split("=", 1) for line in open("/proc/self/environ").read().split("\0")
+            if "=" in line))
+    assert len(started) == 2
+    for env in started.values():
+        assert env.get("NUMBA_NUM_THREADS") == "1" and env.get("OMP_NUM_THREADS") == "1"
+        # Dask's default 65536 turns off glibc's adaptive mmap threshold: 3x slower numpy
+        assert "MALLOC_TRIM_THRESHOLD_" not in env or before["MALLOC_TRIM_THRESHOLD_"]
+    assert {k: os.environ.get(k) for k in keys} == before  # this process is left as it was
+
+
 def test_estimate_schedules_longest_first():
     from protocols.estimate import format_duration, schedule_wall_time
 
