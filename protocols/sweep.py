@@ -220,15 +220,18 @@ def local_client(workers: int, threads: int):
     """A Dask client on ``workers`` local processes of ``threads`` BLAS/numba threads each: the
     layout a sweep runs in, and the one its ``--dry-run`` calibrates in.
 
-    The worker's environment is set before its process starts (Dask's
-    ``distributed.nanny.pre-spawn-environ``), measured on 2 cores (docs/sweeps.md):
+    The worker's environment is set before its process starts, measured on 2 cores
+    (docs/sweeps.md):
 
-    * the thread counts: a spawned worker imports numpy and numba while it unpickles its entry
-      point, before ``LocalCluster(env=...)`` is applied, so numba kept one thread per CPU and
-      two 1-thread workers oversubscribed the cores;
-    * without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it turns off glibc's
-      adaptive mmap threshold, so every large temporary array of a training step is mapped
-      and unmapped afresh (page faults), which made numpy element-wise work 3x slower.
+    * the thread counts, in this process's environment while the workers are spawned (they
+      inherit it; put back afterwards): a spawned worker imports numpy and numba while it
+      unpickles its entry point, before ``LocalCluster(env=...)`` is applied, so numba kept one
+      thread per CPU and two 1-thread workers oversubscribed the cores. Through Dask's
+      ``distributed.nanny.pre-spawn-environ`` alone a value already in the shell would win;
+    * without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536`` (that config entry set to None;
+      a value the user exported stays): setting it turns off glibc's adaptive mmap threshold,
+      so every large temporary array of a training step is mapped and unmapped afresh (page
+      faults), which made numpy element-wise work 3x slower.
 
     Together these made a sweep's run 2.4x slower than the same run in a plain process."""
     import dask
@@ -239,11 +242,12 @@ def local_client(workers: int, threads: int):
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
                  "MALLOC_TRIM_THRESHOLD_": None}  # None: not set (glibc's own default)
     before = {var: os.environ.get(var) for var in pre_spawn}
+    os.environ.update(env)
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, env=env)
-    finally:  # the nanny writes them into this process's environment too; put it back
+                                   dashboard_address=None)
+    finally:  # this process's environment as it was (the nanny writes into it too)
         for var, value in before.items():
             if value is None:
                 os.environ.pop(var, None)

@@ -146,11 +146,12 @@ def test_cli_array_module_override_reaches_every_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="needs Linux's /proc")
-def test_local_workers_start_with_the_thread_counts_and_glibc_malloc_defaults():
+def test_local_workers_start_with_the_thread_counts_and_glibc_malloc_defaults(monkeypatch):
     # /proc/self/environ is the environment the worker's interpreter started with: what numpy
     # and numba saw when the worker imported them, before Dask applies LocalCluster(env=...)
     from protocols.sweep import local_client
 
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")  # a shell's value: --threads must still win
     keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
     before = {k: os.environ.get(k) for k in keys}
     with local_client(2, 1) as client:
