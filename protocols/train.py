@@ -368,7 +368,8 @@ def run_segments(previous: dict | None, record: dict, start: int) -> list[dict]:
     """Where each stretch of a run ran: the previous record's segments (one for a record written
     before segments existed: its last writer, start unknown) and this one, from ``start``. A
     run resumed on another machine or device keeps what ran before (versions, commit, command,
-    and the RESUMABLE_CHANGES keys: length, array module, backend, BLAS threads); the top-level ``versions`` and ``command`` are the last segment's."""
+    and the RESUMABLE_CHANGES keys: length, array module, backend, BLAS threads); the
+    top-level ``versions`` and ``command`` are the last segment's."""
     if previous is None:
         before = []
     else:
