@@ -97,7 +97,8 @@ def _percent_axis(ax, log_y: bool) -> None:
 
 
 def error_curves(table: pd.DataFrame, threshold: float = 0.02, column: str = "test_error",
-                 log_x: bool = False, log_y: bool = True, band: bool = True) -> plt.Figure:
+                 log_x: bool = False, log_y: bool = True, band: bool = True,
+                 other_thresholds=()) -> plt.Figure:
     """Test error (%) vs iteration as the paper's Fig. 4/5, one panel per topology and init.
 
     Per arm (colour): a thin line per run (seed), and with ``band`` and at least two runs the
@@ -107,7 +108,7 @@ def error_curves(table: pd.DataFrame, threshold: float = 0.02, column: str = "te
     there (×n where n runs get there at the same iteration); the legend says how many runs of
     each arm do. The iteration axis is linear from iteration 0 (``log_x=True``: logarithmic,
     iteration 0 left out); the error axis is logarithmic with plain percentages
-    (``log_y=False``: linear).
+    (``log_y=False``: linear). ``other_thresholds`` are drawn as dotted lines, unmarked.
     """
     panels = _panels(table)
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
@@ -147,6 +148,9 @@ def error_curves(table: pd.DataFrame, threshold: float = 0.02, column: str = "te
         handles.append(ax.plot([], [], color="0.5", alpha=0.6, lw=0.8, label="one seed")[0])
         handles.append(ax.axhline(100 * threshold, color="grey", ls="--", lw=0.8,
                                   label=f"target {target}"))
+        for other in other_thresholds:
+            handles.append(ax.axhline(100 * other, color="grey", ls=":", lw=0.8,
+                                      label=f"{100 * other:g} %"))
         if markers:
             handles.append(ax.plot([], [], "v", color="0.3", ms=6, ls="none",
                                    label=f"first logged iteration ≤ {target}")[0])

@@ -2,16 +2,18 @@
 
 Run::
 
-    python -m analysis.report RUNS_ROOT --out results/ [--threshold 0.02]
+    python -m analysis.report RUNS_ROOT --out results/ [--threshold 0.02 [0.01 ...]]
         [--at 600 1200 3000] [--nll-window 2000 3000]
 
 writes, under ``--out``: ``error_curves.{png,svg}`` (test error vs iteration as Fig. 4/5: a
 linear iteration axis from 0, ``--log-x`` for a log one; every seed, each arm's mean ± 95 % CI,
-each run's first crossing of the threshold), ``nll.{png,svg}`` (test vs train
-NLL), ``kernels_<arm>.{png,svg}`` (first-layer kernels at the end of one run per arm, Fig. 6),
-and the tables ``iterations_to_threshold`` (per run), ``threshold_summary`` (per arm: runs that
-reach the threshold, mean ± std of their iterations), ``error_summary`` (mean, std, bootstrap
-95 % CI),
+each run's first crossing of the first threshold), ``nll.{png,svg}`` (test vs train
+NLL), ``kernels_<arm>.{png,svg}`` (first-layer kernels at the end of one run per arm, Fig. 6;
+``kernels_<arm>_conv2`` etc. for deeper conv layers),
+and the tables ``iterations_to_threshold`` (per run and threshold), ``threshold_summary`` (per
+arm and threshold: runs that reach it, the median over all runs, mean ± std of the iterations of
+those that reach it), ``paired_thresholds`` (matched seeds: which arm got there first),
+``error_summary`` (mean, std, bootstrap 95 % CI),
 ``variance_test`` (Brown–Forsythe), ``final_costs`` (NLL averaged over a window) and ``drift``
 (per run: mean test error over the last ``--drift-window`` iterations minus the lowest over any
 such window), each as CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
@@ -43,7 +45,9 @@ def write_table(table: pd.DataFrame, out: Path, name: str) -> None:
 
 
 def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
-    """First conv layer's final kernels of the lowest-seed finished run of each arm."""
+    """Every conv layer's final kernels of the lowest-seed finished run of each arm:
+    ``kernels_<arm>`` for conv 1 (Fig. 6), ``kernels_<arm>_conv<n>`` for the deeper ones (each
+    tile the mean over the map's input channels)."""
     written = []
     for (arm, topology), runs in table.groupby(["arm", "topology"], sort=True):
         run = runs.sort_values("seed")["run"].iloc[0]
@@ -55,28 +59,39 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
         except NpzError as err:  # one unreadable file does not stop the report
             print(f"kernel figure of {arm} left out: {err}", file=sys.stderr)
             continue
-        if "conv1_kernels" not in arrays:
-            continue
-        kernels = arrays["conv1_kernels"]
         seed = int(runs.sort_values("seed")["seed"].iloc[0])
-        figure = kernel_grid(kernels, title=f"{topology} · {arm} · seed {seed}: conv1 kernels")
-        written += figures.save(figure, out / f"kernels_{arm}")
+        layer = 1
+        while f"conv{layer}_kernels" in arrays:
+            kernels = arrays[f"conv{layer}_kernels"]
+            what = "kernels" if layer == 1 else "kernels, mean over input maps"
+            figure = kernel_grid(kernels, title=f"{topology} · {arm} · seed {seed}: "
+                                               f"conv{layer} {what}")
+            suffix = "" if layer == 1 else f"_conv{layer}"
+            written += figures.save(figure, out / f"kernels_{arm}{suffix}")
+            layer += 1
     return written
 
 
-def report(root: Path, out: Path, threshold: float, at: list[int],
+def report(root: Path, out: Path, threshold: float | list[float], at: list[int],
            nll_window: tuple[int, int] | None, include_unfinished: bool = False,
            log_x: bool = False, drift_window: int = 1000) -> dict[str, pd.DataFrame]:
     """The tables (written with the figures under ``out``); ``left_out`` lists the run folders
-    not reported and why (see analysis.runs.collect_runs)."""
+    not reported and why (see analysis.runs.collect_runs). ``threshold``: one target error or
+    several (the first is marked in the error curves)."""
+    thresholds = [threshold] if np.isscalar(threshold) else list(threshold)
+    if not thresholds:
+        raise ValueError("give at least one threshold")
     table, left_out = collect_runs(root, include_unfinished)
     left_out.attrs["truncated_at"] = table.attrs.get("truncated_at")
     last = int(table["iteration"].max())
     window = nll_window or (int(0.8 * last), last)
-    crossings = stats.iterations_to_threshold(table, threshold)
+    crossings = pd.concat([stats.iterations_to_threshold(table, t).assign(threshold=t)
+                           for t in thresholds], ignore_index=True)
+    crossings = crossings[["threshold"] + [c for c in crossings if c != "threshold"]]
     tables = {
         "iterations_to_threshold": crossings,
         "threshold_summary": stats.threshold_summary(crossings),
+        "paired_thresholds": stats.paired_thresholds(crossings),
         "error_summary": stats.error_summary(table, at),
         "variance_test": pd.concat([stats.variance_test(table, i) for i in at], ignore_index=True),
         "final_costs": stats.final_costs(table, window),
@@ -85,7 +100,8 @@ def report(root: Path, out: Path, threshold: float, at: list[int],
     }
     for name, frame in tables.items():
         write_table(frame, out, name)
-    figures.save(figures.error_curves(table, threshold, log_x=log_x), out / "error_curves")
+    figures.save(figures.error_curves(table, thresholds[0], log_x=log_x,
+                                      other_thresholds=thresholds[1:]), out / "error_curves")
     figures.save(figures.nll_trajectories(table), out / "nll")
     if any(layer_columns(table, q) for q in QUANTITIES):  # runs made with the diagnostics
         tables["layer_diagnostics"] = diagnostics_table(table, at, ["topology", "init", "arm"])
@@ -100,8 +116,9 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder holding run directories")
     parser.add_argument("--out", type=Path, required=True, help="folder for figures and tables")
-    parser.add_argument("--threshold", type=float, default=0.02,
-                        help="target test error as a fraction (paper: 0.02 shallow, 0.01 deep)")
+    parser.add_argument("--threshold", type=float, nargs="+", default=[0.02],
+                        help="target test error(s) as a fraction (paper: 0.02 shallow, 0.01 "
+                             "deep); the first is marked in the error curves")
     parser.add_argument("--at", type=int, nargs="+", default=[600, 1200, 3000],
                         help="iterations at which to summarise the error across seeds")
     parser.add_argument("--nll-window", type=int, nargs=2, metavar=("FROM", "TO"),

@@ -53,17 +53,60 @@ def threshold_summary(crossings: pd.DataFrame) -> pd.DataFrame:
 
     Runs that never reached it are counted in ``n_runs`` but not averaged; ``censored_at`` is
     the shortest of their lengths (they did not reach it within that many iterations).
+    ``median`` is over *all* runs, a run that never reached the threshold counted as later than
+    any that did; it is NaN when that median falls on such a run (half or more never reached).
+    With a ``threshold`` column (several thresholds), one row per threshold and group.
     """
     rows = []
-    for key, group in _by_group(crossings, _groups(crossings)):
+    keys = (["threshold"] if "threshold" in crossings else []) + _groups(crossings)
+    for key, group in _by_group(crossings, keys):
         hit = group["iterations_to_threshold"].dropna().to_numpy(dtype=float)
         missed = group[group["iterations_to_threshold"].isna()]
+        median = float(np.median(group["iterations_to_threshold"].fillna(np.inf)))
         rows.append({**key, "n_runs": len(group), "n_reached": len(hit),
+                     "median": median if np.isfinite(median) else np.nan,
                      "mean": hit.mean() if len(hit) else np.nan,
                      "std": hit.std(ddof=1) if len(hit) > 1 else np.nan,
                      "min": hit.min() if len(hit) else np.nan,
                      "max": hit.max() if len(hit) else np.nan,
                      "censored_at": float(missed["last_iteration"].min()) if len(missed) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def paired_thresholds(crossings: pd.DataFrame, first: str = "pretrained",
+                      second: str = "supervised") -> pd.DataFrame:
+    """Matched seeds: per seed run in both arms ``first`` and ``second`` (same threshold,
+    topology and init), both arms' iterations to the threshold and which arm got there first.
+
+    ``earlier`` is the arm name, ``"tie"``, ``"neither"`` (no run reached it) or ``"unknown"``
+    (one run reached it at i, the other stopped at or before i without reaching it: it might
+    still have got there first). A run that never reached it counts as later than one that did
+    at an iteration it also ran to. ``difference`` is ``first`` − ``second`` when both reached it.
+    A seed with more than one run in an arm (runs of several sweeps under one root) is left out.
+    """
+    keys = [k for k in ["threshold", "topology", "init"] if k in crossings]
+    rows = []
+    for key, group in _by_group(crossings, keys):
+        by_arm = {arm: runs.set_index("seed") for arm, runs in group.groupby("arm")}
+        if first not in by_arm or second not in by_arm:
+            continue
+        a, b = by_arm[first], by_arm[second]
+        once = set(a.index[~a.index.duplicated(keep=False)]) & set(
+            b.index[~b.index.duplicated(keep=False)])  # a seed run twice in an arm: not paired
+        for seed in sorted(once):
+            ia, ib = a.at[seed, "iterations_to_threshold"], b.at[seed, "iterations_to_threshold"]
+            la, lb = a.at[seed, "last_iteration"], b.at[seed, "last_iteration"]
+            if np.isnan(ia) and np.isnan(ib):
+                earlier = "neither"
+            elif np.isnan(ib):
+                earlier = first if lb >= ia else "unknown"
+            elif np.isnan(ia):
+                earlier = second if la >= ib else "unknown"
+            else:
+                earlier = first if ia < ib else second if ib < ia else "tie"
+            rows.append({**key, "seed": int(seed), f"{first}": ia, f"{second}": ib,
+                         "difference": ia - ib, f"{first}_last": int(la),
+                         f"{second}_last": int(lb), "earlier": earlier})
     return pd.DataFrame(rows)
 
 

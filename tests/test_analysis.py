@@ -104,6 +104,66 @@ def test_threshold_summary_counts_and_averages_only_runs_that_reach():
     assert (row["min"], row["max"], row["censored_at"]) == (10, 20, 10)
 
 
+def test_threshold_summary_median_counts_runs_that_never_reached_as_latest():
+    # three runs reach at 10, 20 and never (stopped at 30): the median is the middle one, 20;
+    # with a fourth that never reaches, half never reach and the median is undefined
+    rows = {"a": [0.9, 0.05, 0.01, 0.01], "b": [0.9, 0.5, 0.04, 0.04], "c": [0.9] * 4,
+            "d": [0.9] * 4}
+    table = pd.DataFrame([{"run": run, "arm": "x", "seed": i, "iteration": 10 * j,
+                           "test_error": e} for i, (run, errors) in enumerate(rows.items())
+                          for j, e in enumerate(errors)])
+    three = table[table.run != "d"]
+    assert stats.threshold_summary(stats.iterations_to_threshold(three, 0.05)).iloc[0]["median"] == 20
+    assert np.isnan(stats.threshold_summary(stats.iterations_to_threshold(table, 0.05)).iloc[0]["median"])
+
+
+def test_paired_thresholds_says_which_arm_got_there_first_on_each_seed():
+    def run(arm, seed, errors):
+        return [{"run": f"{arm}{seed}", "arm": arm, "seed": seed, "iteration": 10 * j,
+                 "test_error": e} for j, e in enumerate(errors)]
+    table = pd.DataFrame(
+        run("pretrained", 0, [0.9, 0.04, 0.03]) + run("supervised", 0, [0.9, 0.5, 0.04])  # pre
+        + run("pretrained", 1, [0.9, 0.5, 0.5]) + run("supervised", 1, [0.9, 0.04, 0.04])  # sup
+        + run("pretrained", 2, [0.9, 0.04]) + run("supervised", 2, [0.9, 0.04])  # tie
+        + run("pretrained", 3, [0.9, 0.5]) + run("supervised", 3, [0.9, 0.5, 0.04])  # unknown
+        + run("pretrained", 4, [0.9]) + run("supervised", 4, [0.9])  # neither
+        + run("supervised", 5, [0.9, 0.01]))  # one arm only: not paired
+    paired = stats.paired_thresholds(stats.iterations_to_threshold(table, 0.05)).set_index("seed")
+    assert list(paired.index) == [0, 1, 2, 3, 4]
+    assert list(paired.earlier) == ["pretrained", "supervised", "tie", "unknown", "neither"]
+    assert paired.loc[0, "difference"] == -10 and paired.loc[1, "supervised"] == 10
+    assert np.isnan(paired.loc[3, "difference"]) and paired.loc[3, "pretrained_last"] == 10
+
+
+def test_report_with_two_thresholds_and_a_deep_net(tmp_path):
+    """Several thresholds give a row per threshold; a net with two conv layers gets both
+    layers' kernel pictures."""
+    from protocols.records import atomic_savez, load_npz
+    root = tmp_path / "runs"
+    for run in EXAMPLE.rglob("metrics.csv"):
+        target = root / run.parent.relative_to(EXAMPLE)
+        target.mkdir(parents=True)
+        for name in ("metrics.csv", "config.json", "status.json"):
+            (target / name).write_bytes((run.parent / name).read_bytes())
+        arrays = dict(load_npz(run.parent / "final.npz"))
+        arrays["conv2_kernels"] = np.ones((4, 3, 5, 5), dtype=np.float32)
+        atomic_savez(target / "final.npz", arrays)
+    out = tmp_path / "out"
+    assert report_main([str(root), "--out", str(out), "--threshold", "0.1", "0.5",
+                        "--at", "100"]) == 0
+    crossings = pd.read_csv(out / "iterations_to_threshold.csv")
+    raw = _independent_table()
+    assert sorted(set(crossings.threshold)) == [0.1, 0.5]
+    assert len(crossings) == 2 * raw.run.nunique()
+    summary = pd.read_csv(out / "threshold_summary.csv")
+    assert len(summary) == 2 * raw.arm.nunique()
+    paired = pd.read_csv(out / "paired_thresholds.csv")
+    assert len(paired) == 2 * len(set(raw[raw.arm == "pretrained"].seed)
+                                  & set(raw[raw.arm == "supervised"].seed))
+    for arm in ("pretrained", "supervised"):
+        assert (out / f"kernels_{arm}.png").exists() and (out / f"kernels_{arm}_conv2.png").exists()
+
+
 def test_variance_test_against_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.05, 0.002, 6), rng.normal(0.05, 0.02, 6)
