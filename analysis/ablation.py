@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
+from analysis.archive import weights_path
 from analysis.layer_diagnostics import diagnostics_figure, kernel_change
 from analysis.report import write_table
 from analysis.runs import load_runs
@@ -194,9 +195,9 @@ def main(argv=None) -> int:
     figures.save(diagnostics_figure(table_shown, group="variant"), args.out / "diagnostics")
     for (variant, arm), group in table.groupby(["variant", "arm"]):
         run_dir = Path(group.sort_values("seed")["run_dir"].iloc[0])
-        for name in ("final.npz", "checkpoint.npz"):
-            path = run_dir / name
-            if path.exists():
+        for name in ("final", "checkpoint"):
+            path = weights_path(run_dir, name)
+            if path is not None:
                 kernels = load_npz(path)["conv1_kernels"]
                 figures.save(kernel_grid(kernels, title=f"{variant} · {arm} · conv1"),
                              args.out / f"kernels_{variant}_{arm}")

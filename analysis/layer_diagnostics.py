@@ -83,15 +83,16 @@ def diagnostics_table(table: pd.DataFrame, at: list[int], group: list[str]) -> p
 
 
 def kernel_change(run_dir: str | Path, layer: str = "conv1") -> float:
-    """‖K_final − K_initial‖ / ‖K_initial‖ of one layer of a run (its initial.npz and
-    final.npz, or checkpoint.npz if not finished); NaN when the files are not there."""
+    """‖K_final − K_initial‖ / ‖K_initial‖ of one layer of a run (its initial and final
+    weights, whole or archived by :mod:`analysis.archive`, or checkpoint.npz if not finished);
+    NaN when the files are not there."""
+    from analysis.archive import weights_path
+
     run_dir = Path(run_dir)
     key = f"{layer}_kernels"
-    end = run_dir / "final.npz"
-    if not end.exists():
-        end = run_dir / "checkpoint.npz"
-    start = run_dir / "initial.npz"
-    if not (start.exists() and end.exists()):
+    end = weights_path(run_dir, "final") or weights_path(run_dir, "checkpoint")
+    start = weights_path(run_dir, "initial")
+    if start is None or end is None:
         return float("nan")
     from protocols.records import load_npz
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, stats
+from analysis.archive import weights_path
 from analysis.kernels import kernel_grid
 from analysis.layer_diagnostics import (QUANTITIES, diagnostics_figure, diagnostics_table,
                                        layer_columns)
@@ -51,8 +52,8 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     written = []
     for (arm, topology), runs in table.groupby(["arm", "topology"], sort=True):
         run = runs.sort_values("seed")["run"].iloc[0]
-        final = root / run / "final.npz"
-        if not final.exists():
+        final = weights_path(root / run, "final")
+        if final is None:
             continue
         try:
             arrays = load_npz(final)

@@ -1,0 +1,73 @@
+"""analysis.archive: a committed copy of runs keeps every record and the conv layers, and the
+report reads it exactly as it reads the runs themselves."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.archive import main as archive_main
+from analysis.layer_diagnostics import kernel_change
+from analysis.report import main as report_main
+from protocols.records import load_npz
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "results" / "example" / "runs"
+
+
+def test_an_archived_copy_keeps_records_and_conv_layers_and_reports_the_same(tmp_path):
+    out = tmp_path / "archived"
+    assert archive_main([str(EXAMPLE), "--out", str(out)]) == 0
+    runs = sorted(p.parent for p in EXAMPLE.rglob("metrics.csv"))
+    assert runs
+    for run in runs:
+        copy = out / run.relative_to(EXAMPLE)
+        for name in ("config.json", "metrics.csv", "status.json"):
+            assert (copy / name).read_bytes() == (run / name).read_bytes()
+        assert not (copy / "final.npz").exists() and not (copy / "initial.npz").exists()
+        full, slim = load_npz(run / "final.npz"), load_npz(copy / "final_conv.npz")
+        assert set(slim) == {k for k in full if k.startswith("conv")} and "fc1_weights" not in slim
+        for key, value in slim.items():
+            np.testing.assert_array_equal(value, full[key])
+        if (run / "initial.npz").exists():
+            assert kernel_change(copy) == kernel_change(run)
+        if (run / "pretrain").is_dir():
+            assert sorted(p.name for p in (copy / "pretrain").iterdir()) == sorted(
+                p.name for p in (run / "pretrain").iterdir())
+
+    assert report_main([str(EXAMPLE), "--out", str(tmp_path / "a"), "--at", "100"]) == 0
+    assert report_main([str(out), "--out", str(tmp_path / "b"), "--at", "100"]) == 0
+    for table in ("error_summary", "iterations_to_threshold", "final_costs", "drift"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / f"{table}.csv"),
+                                      pd.read_csv(tmp_path / "b" / f"{table}.csv"))
+    for arm in ("pretrained", "supervised"):
+        assert (tmp_path / "b" / f"kernels_{arm}.png").stat().st_size > 0
+
+
+def test_in_place_slims_a_copy_and_refuses_what_has_no_conv_layer(tmp_path, capsys):
+    import shutil
+
+    from protocols.records import atomic_savez
+
+    run = next(p.parent for p in EXAMPLE.rglob("final.npz"))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    final = load_npz(copy / "final.npz")
+    atomic_savez(copy / "initial.npz", {k: 0.5 * v + 0.01 for k, v in final.items()})
+    before = kernel_change(copy)
+    assert np.isfinite(before) and before > 0
+    assert archive_main([str(copy), "--in-place"]) == 0
+    for which in ("final", "initial"):
+        assert not (copy / f"{which}.npz").exists() and (copy / f"{which}_conv.npz").exists()
+    assert kernel_change(copy) == before
+    # weights without a conv layer: one line naming the file and the fix, exit 2
+    fc_only = tmp_path / "fc" / "run"
+    fc_only.mkdir(parents=True)
+    (fc_only / "metrics.csv").write_text("iteration,test_error\n0,0.9\n")
+    atomic_savez(fc_only / "final.npz", {"fc1_weights": np.zeros((2, 3), np.float32)})
+    assert archive_main([str(tmp_path / "fc"), "--in-place"]) == 2
+    err = capsys.readouterr().err
+    assert "no conv layer" in err and "--full-weights" in err
+    assert (fc_only / "final.npz").exists()  # nothing removed
+    with pytest.raises(SystemExit):
+        archive_main([str(copy)])  # neither --out nor --in-place
