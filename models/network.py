@@ -116,12 +116,16 @@ def _unit_thresholds(layer, value, index: int) -> np.ndarray:
                        f"got shape {value.shape}")
 
 
-def _stdp_offset(stdp, layers, index: int) -> str:
-    """STDPParameters.offset of conv layer ``index``: its entry by conv-layer rank, the last
-    entry for layers beyond the list."""
+def _per_conv_layer(values, layers, index: int):
+    """The entry of a per-conv-layer list for conv layer ``index``: by conv-layer rank, the
+    last entry for layers beyond the list."""
     rank = sum(isinstance(layer, ConvLayer) for layer in layers[1:index])
-    offsets = stdp.offset if stdp is not None else ("constant",)
-    return offsets[min(rank, len(offsets) - 1)]
+    return values[min(rank, len(values) - 1)]
+
+
+def _stdp_offset(stdp, layers, index: int) -> str:
+    """STDPParameters.offset of conv layer ``index``."""
+    return _per_conv_layer(stdp.offset if stdp is not None else ("constant",), layers, index)
 
 
 def _schedule(obj, order: int) -> None:
@@ -255,8 +259,11 @@ def build_network(
                 kernel = synapses.kernel_group(layer, w, dt, f"{name}_kernel", plastic=plastic)
                 kernels[index] = kernel
                 objects.append(kernel)
-                syn = synapses.conv_synapses(groups[-1], group, layer, kernel, f"{name}_in",
-                                             stdp=stdp if plastic else None, offset=offset)
+                syn = synapses.conv_synapses(
+                    groups[-1], group, layer, kernel, f"{name}_in",
+                    stdp=stdp if plastic else None, offset=offset,
+                    window_scale=_per_conv_layer(stdp.window_scale, layers, index)
+                    if plastic else 1.0)
             else:
                 syn = synapses.fc_synapses(groups[-1], group, layer, w, f"{name}_in")
         _schedule(syn.pre, base)

@@ -137,10 +137,13 @@ class STDPParameters:
     At a post-synaptic spike, for every synapse of the firing unit
 
     .. math::
-        \Delta w = \eta\,(x_{pre} - \chi_{offset})\,(w_{max} - w)\,(w - w_{min}),
+        \Delta w = \eta\,(x_{pre} - \chi)\,(w_{max} - w)\,(w - w_{min}),
         \qquad x_{pre} = e^{-(t - t_{pre})/\tau_{pre}}
 
-    (the trace is reset to 1 at each pre-synaptic spike and decays with tau_pre [paper]).
+    (the trace is reset to 1 at each pre-synaptic spike and decays with tau_pre [paper]), with
+    :math:`\chi = \chi_{offset}` (``offset = "constant"``) or
+    :math:`\chi = \lambda\,\langle x_{pre}\rangle` over the firing unit's C·k·k inputs
+    (``"window_mean"``, :math:`\lambda` = ``window_scale``), per conv layer.
     Kernel entries are shared by all positions of a map; the updates of the positions of a map
     that fire in the same step are averaged [paper] (``averaging = "spiking"``) or, as a simpler
     variant, summed and divided by the number of positions of the map (``"all"``).
@@ -174,6 +177,14 @@ class STDPParameters:
     #: (6-42 spikes per image, kernels 97-99 % negative) on MNIST and Fashion-MNIST; with
     #: window_mean it fires (11,600-70,000) with zero-mean kernels (docs/pretraining.md).
     offset: tuple[str, ...] = ("constant", "window_mean")
+    #: [recon] the factor lambda of a "window_mean" offset, chi = lambda <x_pre>, one entry per
+    #: conv layer (the last serves deeper ones). 1: zero-sum updates per spike. lambda > 1 biases
+    #: every spike's update toward depression by the same *fraction* of the window's activity on
+    #: any input density, where a constant chi is depression-biased on sparse input and
+    #: potentiation-biased on dense input: at the conv 1 spikes of pre-training <x_pre> is 0.27
+    #: on MNIST and 0.68 on Fashion-MNIST, so chi = 0.5 acts as lambda = 1.8 on one and 0.7 on
+    #: the other (docs/pretraining.md). [choice] 1 (no bias) until a screen on both datasets.
+    window_scale: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
         _check(self)
@@ -183,6 +194,12 @@ class STDPParameters:
             raise ParameterError("STDPParameters.offset must be a non-empty list of "
                                  "'constant' / 'window_mean', one per conv layer (the last "
                                  f"serves deeper layers); got {self.offset!r}")
+        if isinstance(self.window_scale, (str, int, float)) or not self.window_scale or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                for v in self.window_scale):
+            raise ParameterError("STDPParameters.window_scale must be a non-empty list of "
+                                 "non-negative numbers, one per conv layer (the last serves "
+                                 f"deeper layers); got {self.window_scale!r}")
         if self.tau_pre <= 0 * ms:
             raise ParameterError("STDPParameters.tau_pre must be positive")
         if not self.w_min < self.w_max:

@@ -18,8 +18,9 @@ unit computes
 
 (the trace resets to 1 at a pre-spike and decays with tau_pre; a pre-spike in the same step gives
 :math:`x_{pre} = 1`). With ``offset = "window_mean"`` [recon] the constant
-:math:`\chi_{offset}` is replaced by :math:`\langle x_{pre}\rangle`, the mean trace over the
-firing unit's :math:`C_{in} k^2` inputs at that step. The updates are *accumulated* into ``acc`` of the kernel group; after all
+:math:`\chi_{offset}` is replaced by :math:`\lambda\langle x_{pre}\rangle`, the mean trace over the
+firing unit's :math:`C_{in} k^2` inputs at that step times ``window_scale`` :math:`\lambda`
+(1: the updates of one spike sum to zero before the soft bounds). The updates are *accumulated* into ``acc`` of the kernel group; after all
 spikes of the step, the kernel applies ``k += acc / n`` with ``n`` the number of positions of the
 map that fired in this step (``averaging="spiking"``, the paper's "averaged STDP updates") or the
 number of positions of the map (``averaging="all"``). All updates of one step use the kernel of
@@ -101,6 +102,7 @@ def conv_synapses(
     name: str,
     stdp: STDPParameters | None = None,
     offset: str = "constant",
+    window_scale: float = 1.0,
 ) -> Synapses:
     """Shared-kernel correlation from ``source`` (C_in·H·W units) to ``target`` (maps·Ho·Wo).
 
@@ -109,7 +111,7 @@ def conv_synapses(
     ``offset`` "window_mean" replaces chi_offset by the mean x_pre over the firing unit's
     C_in·k·k inputs: a first post pathway ``gather`` sums them into ``xsum`` of the target (which
     needs ``lif_group(..., window_trace=True)``), the pathway ``post`` then learns; schedule
-    ``gather`` before ``post``.
+    ``gather`` before ``post``. ``window_scale`` multiplies that mean (chi = λ⟨x_pre⟩).
     """
     pre, post, kidx = conv_connectivity(layer)
     model = "kidx : integer (constant)\nw : 1 (linked)\n"
@@ -120,13 +122,14 @@ def conv_synapses(
             raise ValueError(f"offset must be 'constant' or 'window_mean', got {offset!r}")
         model += "acc_k : 1 (linked)\n"
         trace = "exp(-(t - lastspike_pre) / tau_pre)"
-        subtract = "chi_offset" if offset == "constant" else "xsum_post / n_window"
+        subtract = ("chi_offset" if offset == "constant"
+                    else "window_scale * xsum_post / n_window")
         on_post = (f"acc_k += eta_stdp * ({trace} - {subtract}) * (w_max - w) * (w - w_min)")
         if offset == "window_mean":
             on_post = {"gather": f"xsum_post += {trace}", "post": on_post}
         namespace = {"eta_stdp": stdp.eta, "tau_pre": stdp.tau_pre,
                      "chi_offset": stdp.chi_offset, "w_max": stdp.w_max, "w_min": stdp.w_min,
-                     "n_window": float(layer.fan_in)}
+                     "n_window": float(layer.fan_in), "window_scale": float(window_scale)}
     syn = Synapses(source, target, model=model, on_pre="v_post += w", on_post=on_post,
                    namespace=namespace, dt=target.clock.dt, name=name)
     syn.connect(i=pre, j=post)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from analysis.activity import layer_activity, main
+from analysis.activity import layer_activity, main, window_trace_at_spikes
 from protocols.datasets import load_dataset
 from protocols.encoding import intensities
 from protocols.records import atomic_savez
@@ -36,9 +36,25 @@ def test_input_spikes_follow_the_rate_and_a_negative_layer_stays_silent(tmp_path
     assert conv2["kernel_rms"] == pytest.approx(0.5) and conv2["threshold_mean"] == pytest.approx(0.5)
     conv1 = next(k for k in kernels if k["layer"] == "conv1")
     assert conv1["at_bound"] == pytest.approx(9 / 25) and conv1["positive"] == pytest.approx(9 / 25)
+    assert all(np.isnan(row["conv2 <x_pre>"]) for row in rows)  # silent: no spike to average
+    assert all(0 < row["conv1 <x_pre>"] <= 1 for row in rows)
     rows, _ = layer_activity(TOPOLOGY, _pretrained(tmp_path, 0.5), [1000.0], [20.0],
                              dataset="mnist-5k", n_images=50)
-    assert rows[0]["conv2"] > 0
+    assert rows[0]["conv2"] > 0 and 0 < rows[0]["conv2 <x_pre>"] <= 1
+
+
+def test_window_trace_at_spikes_on_a_hand_made_pair():
+    """3x3 input, one 3x3 window: pixel 0 fires at step 2, pixel 4 at step 5; the unit fires at
+    step 5 in two maps (counted twice) and at step 1, before any input (window trace 0)."""
+    pre = np.zeros((7, 1, 1, 3, 3), bool)
+    pre[2, 0, 0, 0, 0] = pre[5, 0, 0, 1, 1] = True
+    post = np.zeros((7, 1, 2, 1, 1), bool)
+    post[5, 0, :, 0, 0] = True
+    at5 = (np.exp(-3 / 10) + 1.0) / 9  # the <x_pre> of the Brian2 window_mean test
+    assert window_trace_at_spikes(pre, post, 3, 10.0) == pytest.approx(at5, rel=1e-12)
+    post[1, 0, 0, 0, 0] = True
+    assert window_trace_at_spikes(pre, post, 3, 10.0) == pytest.approx(2 * at5 / 3, rel=1e-12)
+    assert np.isnan(window_trace_at_spikes(pre, np.zeros_like(post), 3, 10.0))
 
 
 def test_a_missing_file_is_one_line(tmp_path, capsys):

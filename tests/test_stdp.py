@@ -49,10 +49,13 @@ def test_one_pre_post_pair_gives_the_analytic_update(tau_pre, sign):
     assert got[4] > w0[4] and got[8] < w0[8]  # same-step pre potentiates, silent pre depresses
 
 
-def test_window_mean_offset_subtracts_the_mean_trace_of_the_firing_units_inputs():
-    """offset "window_mean": Δw_i = η (x_i − ⟨x⟩)(w_max − w_i)(w_i − w_min) with ⟨x⟩ the mean of
-    the 9 inputs' traces at the post spike (pixel 0 three steps earlier, pixel 4 in the step)."""
-    stdp = STDPParameters(tau_pre=10 * ms, eta=0.1, offset=("window_mean",))
+@pytest.mark.parametrize("scale", [1.0, 1.8])
+def test_window_mean_offset_subtracts_the_mean_trace_of_the_firing_units_inputs(scale):
+    """offset "window_mean": Δw_i = η (x_i − λ⟨x⟩)(w_max − w_i)(w_i − w_min) with ⟨x⟩ the mean
+    of the 9 inputs' traces at the post spike (pixel 0 three steps earlier, pixel 4 in the
+    step) and λ = window_scale."""
+    stdp = STDPParameters(tau_pre=10 * ms, eta=0.1, offset=("window_mean",),
+                          window_scale=(scale,))
     sn, kernels, table = _pair_network(stdp)
     sn.stimulus.values[:] = table
     sn.net.run(10 * ms)
@@ -61,10 +64,11 @@ def test_window_mean_offset_subtracts_the_mean_trace_of_the_firing_units_inputs(
     x[0] = math.exp(-3 / 10)
     x[4] = 1.0
     w0 = kernels.ravel()
-    expected = w0 + stdp.eta * (x - x.mean()) * (stdp.w_max - w0) * (w0 - stdp.w_min)
+    expected = w0 + stdp.eta * (x - scale * x.mean()) * (stdp.w_max - w0) * (w0 - stdp.w_min)
     np.testing.assert_allclose(sn.kernel_array(1).ravel(), expected, rtol=0, atol=1e-14)
-    # unlike chi_offset = 0.5, silent inputs are only nudged: by eta * <x> * bounds
-    assert expected[8] - w0[8] == pytest.approx(-0.1 * x.mean() * (1 - w0[8]) * (w0[8] + 1))
+    # unlike chi_offset = 0.5, silent inputs are only nudged: by eta * lambda <x> * bounds
+    assert expected[8] - w0[8] == pytest.approx(
+        -0.1 * scale * x.mean() * (1 - w0[8]) * (w0[8] + 1))
 
 
 def test_offset_is_chosen_per_conv_layer_and_validated():
@@ -82,6 +86,11 @@ def test_offset_is_chosen_per_conv_layer_and_validated():
     for bad in ("window_mean", (), ("mean",)):
         with pytest.raises(ParameterError, match="offset"):
             STDPParameters(offset=bad)
+    for bad in (1.5, (), (-0.5,), ("2",), (True,)):
+        with pytest.raises(ParameterError, match="window_scale"):
+            STDPParameters(window_scale=bad)
+    from models.network import _per_conv_layer
+    assert [_per_conv_layer((1.0, 1.8), layers, i) for i in (1, 3, 5)] == [1.0, 1.8, 1.8]
 
 
 @pytest.mark.parametrize("averaging, divisor", [("spiking", 2), ("all", 3)])
