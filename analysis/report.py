@@ -16,7 +16,8 @@ those that reach it), ``paired_thresholds`` (matched seeds: which arm got there 
 ``error_summary`` (mean, std, bootstrap 95 % CI),
 ``variance_test`` (Brown–Forsythe), ``final_costs`` (NLL averaged over a window) and ``drift``
 (per run: mean test error over the last ``--drift-window`` iterations minus the lowest over any
-such window), each as CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
+such window; the same for the train error, and each layer's growth in spikes and weight norm
+since the best window), each as CSV and Markdown; for runs that logged them, ``layer_diagnostics.{png,svg}`` (per-layer relative
 step, spikes, silent and saturated fractions, kernel means over iterations) and the table of
 their means at the ``--at`` iterations.
 """
@@ -73,6 +74,23 @@ def kernel_figures(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     return written
 
 
+def drift_table(table: pd.DataFrame, window: int) -> pd.DataFrame:
+    """:func:`analysis.stats.drift` of the test error, with, where the runs logged them, the
+    same of the train error (``train_drift``: a worse fit, not overfitting, when it rises too)
+    and how much each layer's spikes per image and weight norm grew from the end of the best
+    test window to the end of the run (``<layer>_spikes_growth``, ``<layer>_wnorm_growth``)."""
+    result = stats.drift(table, window)
+    if "train_error" in table and table["train_error"].notna().any():
+        train = stats.drift(table, window, "train_error")[["run", "drift"]]
+        result = result.merge(train.rename(columns={"drift": "train_drift"}), on="run",
+                              how="left")
+    columns = layer_columns(table, "spikes") + layer_columns(table, "wnorm")
+    if columns and "best_window_end" in result:
+        grown = stats.growth_since(table, result.set_index("run")["best_window_end"], columns)
+        result = result.merge(grown, on="run", how="left")
+    return result
+
+
 def report(root: Path, out: Path, threshold: float | list[float], at: list[int],
            nll_window: tuple[int, int] | None, include_unfinished: bool = False,
            log_x: bool = False, drift_window: int = 1000) -> dict[str, pd.DataFrame]:
@@ -96,7 +114,7 @@ def report(root: Path, out: Path, threshold: float | list[float], at: list[int],
         "error_summary": stats.error_summary(table, at),
         "variance_test": pd.concat([stats.variance_test(table, i) for i in at], ignore_index=True),
         "final_costs": stats.final_costs(table, window),
-        "drift": stats.drift(table, drift_window),
+        "drift": drift_table(table, drift_window),
         "left_out": left_out,
     }
     for name, frame in tables.items():

@@ -176,6 +176,25 @@ def final_costs(table: pd.DataFrame, window: tuple[int, int]) -> pd.DataFrame:
     return out.reset_index()
 
 
+def growth_since(table: pd.DataFrame, since: pd.Series, columns: list[str]) -> pd.DataFrame:
+    """Per run (the index of ``since``: run → iteration), each of ``columns`` at the run's last
+    logged iteration divided by its value at iteration ``since[run]`` (NaN when either is not
+    logged or the start is 0): ``<column>_growth``. With ``since`` the end of a run's best
+    window (:func:`drift`), it says how much a layer's spikes or weight norm grew while the
+    error drifted."""
+    rows = []
+    for run, group in table.sort_values("iteration").groupby("run", sort=True):
+        row = {"run": run}
+        start = since.get(run, np.nan)
+        values = group.set_index("iteration")
+        for c in columns:
+            first = values[c].get(start, np.nan) if np.isfinite(start) else np.nan
+            last = values[c].iloc[-1]
+            row[f"{c}_growth"] = float(last / first) if first and np.isfinite(first) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def drift(table: pd.DataFrame, window: int = 1000, column: str = "test_error") -> pd.DataFrame:
     """Per run, how far the end of training sits above its best stretch.
 

@@ -197,6 +197,26 @@ def test_drift_on_a_hand_made_table():
     assert np.isnan(result.loc["b", "drift"])  # shorter than one window
 
 
+def test_drift_table_adds_the_train_drift_and_the_growth_since_the_best_window():
+    from analysis.report import drift_table
+
+    errors = [0.9, 0.5, 0.04, 0.03, 0.02, 0.03, 0.05]  # best 300-window ends at 500
+    train = [0.9, 0.4, 0.03, 0.02, 0.01, 0.01, 0.04]  # best ends at 500 too: 0.04 - 0.02
+    spikes = [100.0, 110, 120, 130, 150, 200, 300]
+    table = pd.DataFrame({"run": ["a"] * 7, "arm": ["x"] * 7, "seed": [0] * 7,
+                          "iteration": list(range(0, 700, 100)), "test_error": errors,
+                          "train_error": train, "conv1_spikes": spikes,
+                          "fc1_wnorm": [1.0, 1, 1, 1, 2, 3, 5]})
+    row = drift_table(table, 300).set_index("run").loc["a"]
+    assert row["best_window_end"] == 500
+    assert row["train_drift"] == pytest.approx(np.mean(train[4:7]) - np.mean(train[3:6]))
+    assert row["conv1_spikes_growth"] == pytest.approx(300 / 200)  # at 600 over at 500
+    assert row["fc1_wnorm_growth"] == pytest.approx(5 / 3)
+    # without diagnostics or train error: the plain drift table
+    assert list(drift_table(table[["run", "arm", "seed", "iteration", "test_error"]], 300)) == \
+        list(stats.drift(table, 300))
+
+
 def test_ablation_compares_variants_up_to_an_iteration(tmp_path):
     """analysis.ablation on committed runs: a variant folder of ROOT and one given with
     --variant, cut at --until; numbers checked against the runs' metrics.csv read by pandas."""
