@@ -4,8 +4,8 @@ Loads the conv layers of a ``pretrained.npz`` (protocols/pretrain.py), fills the
 the study's seeded initialisation, and simulates images of the training set with the batched
 trainer's forward pass (the same equations as the Brian2 model, tested spike for spike) at each
 input rate × presentation length asked for. Prints, per condition, the mean spikes per image of
-every layer and, per conv layer, ``<x_pre>`` at its spikes: the STDP input trace (time constant
-``--tau-pre``, reset to 1 at a spike) averaged over the firing unit's C·k·k inputs, the quantity a
+every layer and, per conv layer, ``<x_pre>`` at its spikes: the STDP input trace (the
+pre-training run's tau_pre, or ``--tau-pre``; reset to 1 at a spike) averaged over the firing unit's C·k·k inputs, the quantity a
 ``window_mean`` offset subtracts and against which a constant offset is balanced or not
 (docs/pretraining.md); then per conv layer the kernel statistics (RMS, fraction at a bound,
 fraction positive, mean threshold).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -44,16 +45,37 @@ def window_trace_at_spikes(pre, post, kernel: int, tau_pre_steps: float) -> floa
     return total / count if count else float("nan")
 
 
+def trace_steps(pretrained_file: str, tau_pre_ms: float | None = None) -> float:
+    """The STDP trace time constant in steps: ``tau_pre_ms`` if given, else the pre-training
+    run's own (``pretrained.json`` beside the file: its ``stdp.tau_pre`` and ``lif.dt``), else
+    the parameter defaults."""
+    import json
+
+    from brian2 import ms
+
+    from models.parameters import LIFParameters, STDPParameters
+    from protocols.config import load_config
+    from protocols.pretrain import PretrainConfig
+
+    record = Path(pretrained_file).with_name("pretrained.json")
+    if record.is_file():
+        cfg = load_config(json.loads(record.read_text())["config"], PretrainConfig)
+        stdp, lif = cfg.stdp, cfg.lif
+    else:
+        stdp, lif = STDPParameters(), LIFParameters()
+    tau = tau_pre_ms * ms if tau_pre_ms is not None else stdp.tau_pre
+    return float(tau / lif.dt)
+
+
 def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
                    dataset: str = "mnist", n_images: int = 200, seed: int = 0,
-                   data_dir: str | None = None, tau_pre_ms: float = 10.0
+                   data_dir: str | None = None, tau_pre_ms: float | None = None
                    ) -> tuple[list[dict], list[dict]]:
-    """(one row per rate × duration with spikes per image per layer, one row per conv layer
-    with its kernel statistics)."""
+    """(one row per rate × duration with spikes per image per layer and ``<x_pre>`` per conv
+    layer, one row per conv layer with its kernel statistics)."""
     from brian2 import Hz, ms
 
     from models.batched import forward, layer_names
-    from models.parameters import LIFParameters
     from models.topology import ConvLayer, parse_topology
     from protocols.datasets import load_dataset
     from protocols.diagnostics import layer_labels
@@ -61,8 +83,8 @@ def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
     from protocols.study import StudyConfig, initial_parameters, load_pretrained_conv
 
     layers = parse_topology(topology)
-    lif_dt_ms = float(LIFParameters().dt / ms)
     pretrained, _ = load_pretrained_conv(pretrained_file, topology)
+    tau_steps = trace_steps(pretrained_file, tau_pre_ms)
     # the study's own start of a pre-trained run: seeded FC layers, the pre-trained conv layers
     params = initial_parameters(StudyConfig(topology=topology, arm="pretrained", seed=seed),
                                 pretrained)
@@ -90,7 +112,7 @@ def layer_activity(topology: str, pretrained_file: str, rates_hz, durations_ms,
                     pre = out.spikes[index - 1]
                     pre = pre[:, :, None] if pre.ndim == 4 else pre
                     row[f"{label} <x_pre>"] = window_trace_at_spikes(
-                        pre, out.spikes[index], layer.kernel, tau_pre_ms / lif_dt_ms)
+                        pre, out.spikes[index], layer.kernel, tau_steps)
             rows.append(row)
     return rows, kernels
 
@@ -109,9 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--images", type=int, default=200, help="first n training images")
     parser.add_argument("--data-dir")
-    parser.add_argument("--tau-pre", type=float, default=10.0,
-                        help="STDP trace time constant in ms for <x_pre> (default 10, the "
-                             "pre-training default)")
+    parser.add_argument("--tau-pre", type=float,
+                        help="STDP trace time constant in ms for <x_pre> (default: the "
+                             "pre-training run's own, from pretrained.json beside the file)")
     args = parser.parse_args(argv)
     from protocols.config import ConfigError
     from protocols.datasets import DatasetError

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from analysis.activity import layer_activity, main, window_trace_at_spikes
+from analysis.activity import layer_activity, main, trace_steps, window_trace_at_spikes
 from protocols.datasets import load_dataset
 from protocols.encoding import intensities
 from protocols.records import atomic_savez
@@ -60,3 +60,15 @@ def test_window_trace_at_spikes_on_a_hand_made_pair():
 def test_a_missing_file_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "none.npz"), "--topology", TOPOLOGY, "--dataset", "mnist-5k"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_trace_time_constant_is_the_pre_training_runs_own(tmp_path):
+    """<x_pre> uses the tau_pre (in steps of dt) the pre-training record holds, not a default."""
+    import json
+
+    npz = _pretrained(tmp_path, 0.5)
+    assert trace_steps(npz) == pytest.approx(10.0)  # no record beside it: the defaults
+    (tmp_path / "pretrained.json").write_text(json.dumps(
+        {"config": {"stdp": {"tau_pre": "6. ms"}, "lif": {"dt": "0.5 ms"}}}))
+    assert trace_steps(npz) == pytest.approx(12.0)
+    assert trace_steps(npz, tau_pre_ms=3.0) == pytest.approx(6.0)  # --tau-pre wins
