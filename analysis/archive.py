@@ -55,8 +55,9 @@ def archive_run(source: Path, target: Path, full_weights: bool = False) -> list[
     """Write ``source``'s records and weights into ``target`` (may be ``source``: in place);
     returns the files written."""
     target.mkdir(parents=True, exist_ok=True)
+    in_place = target.resolve() == source.resolve()
     written = []
-    if target.resolve() != source.resolve():
+    if not in_place:
         for name in RECORDS:
             if (source / name).exists():
                 shutil.copy2(source / name, target / name)
@@ -69,7 +70,7 @@ def archive_run(source: Path, target: Path, full_weights: bool = False) -> list[
         if not full.exists():
             continue
         if full_weights:
-            if target.resolve() != source.resolve():
+            if not in_place:
                 shutil.copy2(full, target / full.name)
                 written.append(full.name)
             continue
@@ -78,7 +79,7 @@ def archive_run(source: Path, target: Path, full_weights: bool = False) -> list[
             raise NpzError(f"{full} holds no conv layer to keep; archive it with --full-weights")
         atomic_savez(target / f"{which}_conv.npz", arrays)
         written.append(f"{which}_conv.npz")
-        if target.resolve() == source.resolve():
+        if in_place:
             full.unlink()
     return written
 

@@ -104,7 +104,7 @@ def paired_thresholds(crossings: pd.DataFrame, first: str = "pretrained",
                 earlier = second if la >= ib else "unknown"
             else:
                 earlier = first if ia < ib else second if ib < ia else "tie"
-            rows.append({**key, "seed": int(seed), f"{first}": ia, f"{second}": ib,
+            rows.append({**key, "seed": int(seed), first: ia, second: ib,
                          "difference": ia - ib, f"{first}_last": int(la),
                          f"{second}_last": int(lb), "earlier": earlier})
     return pd.DataFrame(rows)
