@@ -127,10 +127,13 @@ def test_paired_thresholds_says_which_arm_got_there_first_on_each_seed():
         + run("pretrained", 2, [0.9, 0.04]) + run("supervised", 2, [0.9, 0.04])  # tie
         + run("pretrained", 3, [0.9, 0.5]) + run("supervised", 3, [0.9, 0.5, 0.04])  # unknown
         + run("pretrained", 4, [0.9]) + run("supervised", 4, [0.9])  # neither
-        + run("supervised", 5, [0.9, 0.01]))  # one arm only: not paired
+        + run("supervised", 5, [0.9, 0.01])  # one arm only: not paired
+        + run("pretrained", 6, [0.9, 0.5, 0.04]) + run("supervised", 6, [0.9, 0.5])  # unknown
+        + run("pretrained", 7, [0.9, 0.04]) + run("supervised", 7, [0.9, 0.5, 0.5]))  # pre
     paired = stats.paired_thresholds(stats.iterations_to_threshold(table, 0.05)).set_index("seed")
-    assert list(paired.index) == [0, 1, 2, 3, 4]
-    assert list(paired.earlier) == ["pretrained", "supervised", "tie", "unknown", "neither"]
+    assert list(paired.index) == [0, 1, 2, 3, 4, 6, 7]
+    assert list(paired.earlier) == ["pretrained", "supervised", "tie", "unknown", "neither",
+                                    "unknown", "pretrained"]
     assert paired.loc[0, "difference"] == -10 and paired.loc[1, "supervised"] == 10
     assert np.isnan(paired.loc[3, "difference"]) and paired.loc[3, "pretrained_last"] == 10
 
