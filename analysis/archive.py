@@ -9,6 +9,14 @@ run's FC layers are 160,000 of its 188,000 weights) and are regenerated exactly 
 the run's command. [choice] The repository must stay small enough to travel to a GPU machine
 with its working tree (64 MiB); ``--full-weights`` keeps ``initial.npz`` / ``final.npz`` whole.
 
+A run that has not ended (``status.json`` says ``running`` or ``interrupted``) keeps what resuming
+it reads, ``checkpoint.npz`` and ``initial.npz`` whole, so a study that one session or machine
+could not finish is committed and grown by the next: ``python -m protocols.sweep --config C
+--out <the committed runs folder>`` resumes every such run where it stopped, bit for bit, then
+``--in-place`` slims what has finished. ``--resumable`` keeps that state for finished runs too,
+so that a larger ``--iterations`` extends them from their end (a compact finished run would be
+trained again from iteration 0: the same numbers, seeded, at the full cost).
+
 :func:`weights_path` finds a run's weights in either form, so the report, the ablation
 summary and the kernel pictures read archived and live runs alike.
 
@@ -16,6 +24,7 @@ Run::
 
     python -m analysis.archive runs/sweep_shallow_gpu_pcg64 --out results/shallow_mnist_defaults/runs
     python -m analysis.archive results/old_study/runs --in-place   # slim a committed copy
+    python -m analysis.archive runs/deep --out results/deep_mnist/runs --resumable
 """
 
 from __future__ import annotations
@@ -26,10 +35,15 @@ import sys
 from pathlib import Path
 
 from protocols.records import NpzError, atomic_savez, load_npz
+from protocols.runstate import RunError, read_status
 
 #: the records copied as they are (the pre-training folder whole)
 RECORDS = ("config.json", "metrics.csv", "status.json")
 WEIGHTS = ("initial", "final")
+#: what resuming or extending a run reads besides its records (protocols.train.RunState)
+RESUME_STATE = ("checkpoint.npz", "initial.npz")
+#: the statuses of a run that has not ended: the same command resumes it
+UNENDED = ("running", "interrupted")
 
 
 def weights_path(run_dir: str | Path, which: str) -> Path | None:
@@ -51,12 +65,35 @@ def run_folders(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("metrics.csv"))
 
 
-def archive_run(source: Path, target: Path, full_weights: bool = False) -> list[str]:
+def keeps_resume_state(run_dir: Path, resumable: bool = False) -> bool:
+    """Whether the archive keeps ``run_dir``'s checkpoint and initial weights whole: it has a
+    checkpoint and has not ended (or ``resumable`` asks for every run with a checkpoint)."""
+    if not (run_dir / "checkpoint.npz").exists():
+        return False
+    try:
+        status = (read_status(run_dir) or {}).get("status")
+    except RunError:
+        status = None  # an unreadable status: keep what can resume the run
+    return resumable or status not in ("finished", "diverged", "failed")
+
+
+def archive_run(source: Path, target: Path, full_weights: bool = False,
+                resumable: bool = False) -> list[str]:
     """Write ``source``'s records and weights into ``target`` (may be ``source``: in place);
-    returns the files written."""
+    returns the files written (in place: kept, slimmed or removed)."""
     target.mkdir(parents=True, exist_ok=True)
     in_place = target.resolve() == source.resolve()
     written = []
+    kept = []
+    if keeps_resume_state(source, resumable):
+        kept = [name for name in RESUME_STATE if (source / name).exists()]
+        for name in kept:
+            if not in_place:
+                shutil.copy2(source / name, target / name)
+            written.append(f"{name} (kept whole: resumable)")
+    elif in_place and (source / "checkpoint.npz").exists():
+        (source / "checkpoint.npz").unlink()
+        written.append("checkpoint.npz (removed: the run has ended)")
     if not in_place:
         for name in RECORDS:
             if (source / name).exists():
@@ -67,7 +104,7 @@ def archive_run(source: Path, target: Path, full_weights: bool = False) -> list[
             written.append("pretrain/")
     for which in WEIGHTS:
         full = source / f"{which}.npz"
-        if not full.exists():
+        if not full.exists() or full.name in kept:
             continue
         if full_weights:
             if not in_place:
@@ -93,11 +130,14 @@ def main(argv=None) -> int:
                         help="replace initial.npz / final.npz under SOURCE by their conv layers")
     parser.add_argument("--full-weights", action="store_true",
                         help="keep initial.npz / final.npz whole (FC weights too)")
+    parser.add_argument("--resumable", action="store_true",
+                        help="keep checkpoint.npz and initial.npz of finished runs too, so that "
+                             "more iterations extend them (unfinished runs always keep them)")
     args = parser.parse_args(argv)
     if (args.out is None) == (not args.in_place):
         parser.error("give either --out FOLDER or --in-place")
-    if args.in_place and args.full_weights:
-        parser.error("--in-place with --full-weights would change nothing")
+    if args.in_place and args.full_weights and args.resumable:
+        parser.error("--in-place with --full-weights and --resumable would change nothing")
     runs = run_folders(args.source) if args.source.is_dir() else []
     if not runs:
         print(f"archive error: no run folder (one with metrics.csv) below {args.source}",
@@ -106,7 +146,7 @@ def main(argv=None) -> int:
     for run in runs:
         target = run if args.in_place else args.out / run.relative_to(args.source)
         try:
-            written = archive_run(run, target, args.full_weights)
+            written = archive_run(run, target, args.full_weights, args.resumable)
         except NpzError as err:
             print(f"archive error: {err}", file=sys.stderr)
             return 2

@@ -10,15 +10,17 @@ Re-running the same command skips finished runs (``status.json`` says ``finished
 requested number of iterations), resumes interrupted ones from their last checkpoint (the trainer
 does that by itself), and retries runs whose worker died. Asking for more iterations
 (``--iterations`` or the config) extends finished runs from their last checkpoint, and
-``--seeds`` adds seeds, so a study can be grown in steps without redoing any work. A run that fails (configuration error, divergence, crash) does not stop the
-others; all failures are listed at the end and the exit status is 1. ``--dry-run`` lists the
+``--seeds`` adds seeds, so a study can be grown in steps without redoing any work. Across
+machines or sessions, a study's committed copy (``python -m analysis.archive``, which keeps the
+checkpoints of unfinished runs) is grown in place with ``--out``. A run that fails
+(configuration error, divergence, crash) does not stop the others; all failures are listed at the end and the exit status is 1. ``--dry-run`` lists the
 runs, then times a few iterations of each kind of run on this machine and prints the estimated
 wall time of what is left (:mod:`protocols.estimate`).
 
 Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
-        [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
+        [--out FOLDER] [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
         [--population 20]
 
 With ``population = N`` (``--population N``), each Dask task fine-tunes up to N runs of one
@@ -311,6 +313,8 @@ def main(argv=None) -> int:
                         help="local worker processes (default: half the cores)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker")
     parser.add_argument("--data-dir", help="dataset folder (default: protocols.datasets rules)")
+    parser.add_argument("--out", help="override the config's out folder, e.g. a committed study "
+                             "copy whose unfinished runs kept their checkpoints (analysis.archive)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     parser.add_argument("--iterations", type=int,
                         help="override [study.training] iterations (more extends finished runs)")
@@ -333,6 +337,8 @@ def main(argv=None) -> int:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
     try:
+        if args.out:
+            cfg = dataclasses.replace(cfg, out=args.out)
         if args.seeds:
             cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
         if args.iterations is not None:

@@ -71,3 +71,65 @@ def test_in_place_slims_a_copy_and_refuses_what_has_no_conv_layer(tmp_path, caps
     assert (fc_only / "final.npz").exists()  # nothing removed
     with pytest.raises(SystemExit):
         archive_main([str(copy)])  # neither --out nor --in-place
+
+
+def test_an_unfinished_run_keeps_its_checkpoint_and_grows_where_it_was_committed(tmp_path):
+    """A run stopped mid-way (as by a killed session) and archived keeps what resuming it reads;
+    grown in its committed folder it ends with the metrics of a run never stopped, and once
+    finished ``--in-place`` slims it like any other. Threshold homeostasis is on, so the resume
+    also needs ``initial.npz`` (its targets are recomputed from it)."""
+    from brian2 import ms
+
+    from models.initialisation import initialise
+    from models.parameters import BPParameters
+    from models.topology import parse_topology
+    from protocols.datasets import load_dataset
+    from protocols.train import TrainConfig, TrainingSettings, rng_for, train
+    from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
+
+    data = load_dataset("mnist-5k")
+    cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
+                      training=TrainingSettings(iterations=6, log_every=2, train_eval_images=50,
+                                                test_eval_images=50, eval_duration="5 ms"),
+                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms,
+                                      eta=3.0, threshold_homeostasis=0.2))
+    params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
+    kw = dict(excluded=range(3850), progress=False)
+    full = train(cfg, tmp_path / "full", data, params, **kw)
+    train(cfg, tmp_path / "runs" / "part", data, params, stop_after=3, **kw)
+    train(cfg, tmp_path / "runs" / "done", data, params, **kw)
+
+    committed = tmp_path / "committed"
+    assert archive_main([str(tmp_path / "runs"), "--out", str(committed)]) == 0
+    part, done = committed / "part", committed / "done"
+    assert (part / "checkpoint.npz").exists() and (part / "initial.npz").exists()
+    assert not (part / "initial_conv.npz").exists() and not (part / "final_conv.npz").exists()
+    assert not (done / "checkpoint.npz").exists() and not (done / "initial.npz").exists()
+    assert (done / "initial_conv.npz").exists() and (done / "final_conv.npz").exists()
+
+    grown = train(cfg, part, data, None, **kw)
+    pd.testing.assert_frame_equal(full.drop(columns="wall_time_s"),
+                                  grown.drop(columns="wall_time_s"))
+    assert archive_main([str(committed), "--in-place"]) == 0
+    assert sorted(p.name for p in part.glob("*.npz")) == ["final_conv.npz", "initial_conv.npz"]
+    assert kernel_change(part) == kernel_change(tmp_path / "full")
+
+    # --resumable keeps a finished run's checkpoint too (a larger --iterations extends it)
+    kept = tmp_path / "kept"
+    assert archive_main([str(tmp_path / "runs" / "done"), "--out", str(kept), "--resumable"]) == 0
+    assert (kept / "checkpoint.npz").exists() and (kept / "initial.npz").exists()
+    assert (kept / "final_conv.npz").exists() and not (kept / "final.npz").exists()
+
+
+def test_sweep_out_overrides_the_config(tmp_path, monkeypatch):
+    import protocols.sweep as sweep_module
+
+    seen = {}
+    monkeypatch.setattr(sweep_module, "sweep", lambda cfg, *a, **k: seen.update(out=cfg.out) or [])
+    path = tmp_path / "sweep.toml"
+    path.write_text('seeds = [0]\narms = ["supervised"]\ntopologies = ["28x28-3C5-2P-10FC"]\n'
+                    f'out = "{tmp_path / "runs"}"\n')
+    assert sweep_module.main(["--config", str(path)]) == 0
+    assert seen["out"] == str(tmp_path / "runs")
+    assert sweep_module.main(["--config", str(path), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert seen["out"] == str(tmp_path / "elsewhere")
