@@ -42,8 +42,9 @@ RECORDS = ("config.json", "metrics.csv", "status.json")
 WEIGHTS = ("initial", "final")
 #: what resuming or extending a run reads besides its records (protocols.train.RunState)
 RESUME_STATE = ("checkpoint.npz", "initial.npz")
-#: the statuses of a run that has not ended: the same command resumes it
-UNENDED = ("running", "interrupted")
+#: the statuses of a run that has ended (any other, e.g. running or interrupted: the same
+#: command resumes it)
+ENDED = ("finished", "diverged", "failed")
 
 
 def weights_path(run_dir: str | Path, which: str) -> Path | None:
@@ -74,7 +75,7 @@ def keeps_resume_state(run_dir: Path, resumable: bool = False) -> bool:
         status = (read_status(run_dir) or {}).get("status")
     except RunError:
         status = None  # an unreadable status: keep what can resume the run
-    return resumable or status not in ("finished", "diverged", "failed")
+    return resumable or status not in ENDED
 
 
 def archive_run(source: Path, target: Path, full_weights: bool = False,

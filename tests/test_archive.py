@@ -78,21 +78,14 @@ def test_an_unfinished_run_keeps_its_checkpoint_and_grows_where_it_was_committed
     grown in its committed folder it ends with the metrics of a run never stopped, and once
     finished ``--in-place`` slims it like any other. Threshold homeostasis is on, so the resume
     also needs ``initial.npz`` (its targets are recomputed from it)."""
-    from brian2 import ms
-
     from models.initialisation import initialise
-    from models.parameters import BPParameters
     from models.topology import parse_topology
     from protocols.datasets import load_dataset
-    from protocols.train import TrainConfig, TrainingSettings, rng_for, train
-    from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
+    from protocols.train import rng_for, train
+    from test_threshold_homeostasis import HOMEOSTASIS_RUN as cfg  # noqa: E402 (tests/ on sys.path)
+    from test_train import LIVELY  # noqa: E402
 
     data = load_dataset("mnist-5k")
-    cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
-                      training=TrainingSettings(iterations=6, log_every=2, train_eval_images=50,
-                                                test_eval_images=50, eval_duration="5 ms"),
-                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms,
-                                      eta=3.0, threshold_homeostasis=0.2))
     params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     kw = dict(excluded=range(3850), progress=False)
     full = train(cfg, tmp_path / "full", data, params, **kw)

@@ -60,15 +60,22 @@ def test_a_map_pushed_towards_silence_fires_at_its_first_rate_again():
     np.testing.assert_array_equal(params[3].thresholds, fc_th)  # FC thresholds stay frozen
 
 
+#: a 3-map net that trains in seconds, with homeostasis on: resuming it needs initial.npz (the
+#: targets are recomputed from it); also tests/test_archive.py
+HOMEOSTASIS_RUN = TrainConfig(topology="28x28-3C5-2P-10FC",
+                              training=TrainingSettings(iterations=6, log_every=2,
+                                                        train_eval_images=50,
+                                                        test_eval_images=50,
+                                                        eval_duration="5 ms"),
+                              bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms,
+                                              eta=3.0, threshold_homeostasis=0.2))
+
+
 def test_trainer_adapts_thresholds_and_resumes_identically(tmp_path):
     from protocols.datasets import load_dataset
 
     data = load_dataset("mnist-5k")
-    cfg = TrainConfig(topology="28x28-3C5-2P-10FC",
-                      training=TrainingSettings(iterations=6, log_every=2, train_eval_images=50,
-                                                test_eval_images=50, eval_duration="5 ms"),
-                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms,
-                                      eta=3.0, threshold_homeostasis=0.2))
+    cfg = HOMEOSTASIS_RUN
     # alive at the start: the run without homeostasis below would stop at a silent pool1
     params = initialise(parse_topology(cfg.topology), rng_for(0, 0), "lee", LIVELY)
     full = train(cfg, tmp_path / "full", data, params, excluded=range(3850), progress=False)
