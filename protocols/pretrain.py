@@ -158,15 +158,20 @@ def pretrain_layer(
     v_th = p.v_th_alpha * k
     theta = np.zeros(layer.n_maps)
 
-    use_device(cfg.device, directory=directory)
     weights = {i: kt[0] for i, kt in frozen.items()}
     thresholds = {i: kt[1] for i, kt in frozen.items()}
     weights[index] = kernels
     thresholds[index] = v_th
-    sn = build_network(topology, weights, thresholds, input_mode="stimulus",
-                       stimulus_steps=batch * steps, presentation=p.presentation,
-                       plastic_layer=index, up_to=index, lif=lif, pool=cfg.pooling,
-                       stdp=cfg.stdp, homeostasis=cfg.homeostasis, monitor=[index])
+    try:  # on a loaded machine building the network takes long enough to be interrupted in
+        use_device(cfg.device, directory=directory)
+        sn = build_network(topology, weights, thresholds, input_mode="stimulus",
+                           stimulus_steps=batch * steps, presentation=p.presentation,
+                           plastic_layer=index, up_to=index, lif=lif, pool=cfg.pooling,
+                           stdp=cfg.stdp, homeostasis=cfg.homeostasis, monitor=[index])
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"STDP pre-training of layer {name} interrupted while its Brian2 network was being "
+            f"built; nothing of it was written: rerun the same command to pre-train") from None
     duration = batch * steps * lif.dt
     t0 = time.perf_counter()
     program = None
