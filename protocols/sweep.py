@@ -20,7 +20,7 @@ wall time of what is left (:mod:`protocols.estimate`).
 Run::
 
     python -m protocols.sweep --config configs/sweep_shallow.toml [--workers 2 --threads 1]
-        [--out FOLDER] [--seeds 0 1 2] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
+        [--out FOLDER] [--seeds 0 1 2] [--arms pretrained] [--iterations 1200] [--array-module numpy] [--scheduler tcp://host:8786] [--dry-run [--no-estimate]]
         [--population 20]
 
 With ``population = N`` (``--population N``), each Dask task fine-tunes up to N runs of one
@@ -316,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="override the config's out folder, e.g. a committed study "
                              "copy whose unfinished runs kept their checkpoints (analysis.archive)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    parser.add_argument("--arms", nargs="+", choices=("pretrained", "supervised"),
+                        help="override the config's arms, e.g. re-run only the arm a changed "
+                             "pre-training default affects")
     parser.add_argument("--iterations", type=int,
                         help="override [study.training] iterations (more extends finished runs)")
     parser.add_argument("--array-module", choices=("numpy", "cupy"),
@@ -341,6 +344,8 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, out=args.out)
         if args.seeds:
             cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
+        if args.arms:
+            cfg = dataclasses.replace(cfg, arms=tuple(args.arms))
         if args.iterations is not None:
             cfg = dataclasses.replace(cfg, study=dataclasses.replace(
                 cfg.study, training=dataclasses.replace(cfg.study.training,

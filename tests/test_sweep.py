@@ -126,6 +126,11 @@ def test_cli_overrides_seeds_and_iterations(tmp_path, capsys):
     statuses = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())
     assert statuses == ["extendable", "new"]
     assert main(["--config", str(config), "--seeds", "7", "7", "--dry-run"]) == 2
+    assert main(["--config", str(config), "--seeds", "7", "--arms", "supervised", "--dry-run",
+                 "--no-estimate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["finished"]
+    assert lines[0].endswith(str(Path("supervised") / "seed7"))
 
 
 def test_cli_array_module_override_reaches_every_run(tmp_path, monkeypatch):
