@@ -11,6 +11,9 @@ from models.network import build_network
 from models.parameters import HomeostasisParameters, STDPParameters
 
 NO_HOMEOSTASIS = HomeostasisParameters(delta_theta=0.0)
+#: the paper's constant offset chi_offset, which _dw spells out (the default is the scaled
+#: window mean, tested against its own formula below)
+CONSTANT = ("constant",)
 
 
 def _dw(stdp: STDPParameters, x: float, w: float) -> float:
@@ -33,7 +36,7 @@ def _pair_network(stdp, steps=10):
 def test_one_pre_post_pair_gives_the_analytic_update(tau_pre, sign):
     """Post fires at step 5; pixel 0 fired 3 steps earlier (x = e^{-3/tau_pre}), pixel 4 in the
     same step (x = 1), the other pixels never (x = 0)."""
-    stdp = STDPParameters(tau_pre=tau_pre, eta=0.1)
+    stdp = STDPParameters(tau_pre=tau_pre, eta=0.1, offset=CONSTANT)
     sn, kernels, table = _pair_network(stdp)
     sn.stimulus.values[:] = table
     sn.net.run(10 * ms)
@@ -72,7 +75,7 @@ def test_window_mean_offset_subtracts_the_mean_trace_of_the_firing_units_inputs(
 
 
 def test_offset_is_chosen_per_conv_layer_and_validated():
-    from models.network import _stdp_offset
+    from models.network import _per_conv_layer, _stdp_offset
     from models.parameters import ParameterError
     from models.topology import parse_topology
 
@@ -81,22 +84,23 @@ def test_offset_is_chosen_per_conv_layer_and_validated():
     assert [_stdp_offset(stdp, layers, i) for i in (1, 3, 5)] == \
         ["constant", "window_mean", "window_mean"]  # the last entry serves deeper layers
     assert _stdp_offset(STDPParameters(offset=("constant",)), layers, 5) == "constant"
-    # the default: the paper's constant offset for conv 1, window_mean deeper
-    assert [_stdp_offset(STDPParameters(), layers, i) for i in (1, 3)] == ["constant", "window_mean"]
+    # the default: the scaled window mean for every conv layer, lambda = 1.8 for conv 1 only
+    assert [_stdp_offset(STDPParameters(), layers, i) for i in (1, 3, 5)] == ["window_mean"] * 3
+    assert [_per_conv_layer(STDPParameters().window_scale, layers, i) for i in (1, 3, 5)] == \
+        [1.8, 1.0, 1.0]
     for bad in ("window_mean", (), ("mean",)):
         with pytest.raises(ParameterError, match="offset"):
             STDPParameters(offset=bad)
     for bad in (1.5, (), (-0.5,), ("2",), (True,)):
         with pytest.raises(ParameterError, match="window_scale"):
             STDPParameters(window_scale=bad)
-    from models.network import _per_conv_layer
     assert [_per_conv_layer((1.0, 1.8), layers, i) for i in (1, 3, 5)] == [1.0, 1.8, 1.8]
 
 
 @pytest.mark.parametrize("averaging, divisor", [("spiking", 2), ("all", 3)])
 def test_updates_of_simultaneously_firing_positions_are_averaged(averaging, divisor):
     """1x4 input, 1x2 kernel [a, b] -> 3 positions; positions 0 and 1 fire at step 5."""
-    stdp = STDPParameters(eta=0.1, averaging=averaging)
+    stdp = STDPParameters(eta=0.1, averaging=averaging, offset=CONSTANT)
     a, b = 0.3, 0.5
     # kernels are square: a 2x4 input and a 2x2 kernel [[a, b], [0, 0]] give 1x3 positions
     kernels = np.array([[[[a, b], [0.0, 0.0]]]])
