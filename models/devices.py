@@ -66,9 +66,10 @@ def use_device(name: str, directory: str | None = None, threads: int | None = No
     set_device(name, **kwargs)
     if name == "cpp_standalone":
         prefs.devices.cpp_standalone.openmp_threads = int(threads or 0)
-    # Brian2's default is a bare ``make -j``: one compiler per source file at once (~40 of
-    # ~100 MB each for a conv layer), which on a small machine with several builds running
-    # (sweep workers, parallel tests) drives the load past 70 and can exhaust memory
+    # Brian2's default is a bare ``make -j``: one compiler (g++, or nvcc for cuda_standalone)
+    # per source file at once (~40 of ~100 MB each for a conv layer), which on a small machine
+    # with several builds running (sweep workers, parallel tests) drives the load past 70 and
+    # can exhaust memory
     prefs.devices.cpp_standalone.extra_make_args_unix = [f"-j{os.cpu_count() or 1}"]
     return directory
 

@@ -112,8 +112,6 @@ def configure(project: Path, compute_capability: float, gpu: bool) -> None:
         prefs.codegen.cpp.library_dirs = [*prefs.codegen.cpp.library_dirs, curand[1]]
         prefs.codegen.cpp.runtime_library_dirs = [*prefs.codegen.cpp.runtime_library_dirs,
                                                   curand[1]]
-    # brian2's default `make -j` starts one nvcc per source file at once
-    prefs.devices.cpp_standalone.extra_make_args_unix = [f"-j{os.cpu_count() or 1}"]
     if not gpu:
         prefs.devices.cuda_standalone.cuda_backend.detect_gpus = False
         prefs.devices.cuda_standalone.cuda_backend.gpu_id = 0
