@@ -344,38 +344,65 @@ def plan(sweep: DeepSTDPSweep) -> list[DeepSTDPConfig]:
             for d in sweep.datasets for m in sweep.methods for s in sweep.seeds]
 
 
-def run_one(cfg: DeepSTDPConfig, data_dir: str | None) -> dict:
+def run_one(cfg: DeepSTDPConfig, data_dir: str | None, token: str | None = None) -> dict:
+    """One run of a sweep; never raises. ``token``: the sweep's, which stops the run at the end
+    of its epoch once the sweep asks (:func:`protocols.runstate.request_stop`)."""
     from protocols import runstate
+    from protocols.sweep import NOT_STARTED
 
     runstate.VERBOSE = False
-    try:
-        frame = run(cfg, data_dir, progress=False)
-        return {"run": cfg.out, "status": "finished",
-                "message": f"accuracy {float(frame.iloc[-1].accuracy):.3f}"}
-    except Exception as err:  # one failing run never stops the sweep
-        return {"run": cfg.out, "status": "failed", "message": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc()}
+    with runstate.stoppable(token):
+        if runstate.stop_requested():
+            return {"run": cfg.out, **NOT_STARTED}
+        try:
+            frame = run(cfg, data_dir, progress=False)
+            return {"run": cfg.out, "status": "finished",
+                    "message": f"accuracy {float(frame.iloc[-1].accuracy):.3f}"}
+        except KeyboardInterrupt:  # the sweep asked; status.json says so
+            return {"run": cfg.out, "status": "interrupted",
+                    "message": "stopped; a rerun restarts it from epoch 0"}
+        except Exception as err:  # one failing run never stops the sweep
+            return {"run": cfg.out, "status": "failed",
+                    "message": f"{type(err).__name__}: {err}",
+                    "traceback": traceback.format_exc()}
 
 
 def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str | None = None,
           data_dir: str | None = None) -> list[dict]:
     """Every run of the grid on Dask (a local cluster, or ``scheduler``); finished runs skip."""
+    import uuid
+
     from dask.distributed import as_completed
 
-    from protocols.sweep import _client
+    from protocols.runstate import RunInterrupted
+    from protocols.sweep import _client, _counts, _request_stop
 
     configs = plan(cfg)
     results = []
-    with _client(scheduler, workers, threads) as client:
-        futures = [client.submit(run_one, c, data_dir, key=f"deep-stdp-{c.out}", pure=False)
-                   for c in configs]
-        for future in as_completed(futures):
+    token = uuid.uuid4().hex  # a Ctrl-C stops this sweep's runs only (protocols.sweep)
+
+    def collect(pending):
+        for future in pending:
             try:
                 result = future.result()
             except Exception as err:
                 result = {"run": future.key, "status": "failed", "message": f"worker lost: {err}"}
             print(f"{result['status']:>9}  {result['run']}  {result['message']}", flush=True)
             results.append(result)
+
+    with _client(scheduler, workers, threads) as client:
+        futures = [client.submit(run_one, c, data_dir, token, key=f"deep-stdp-{c.out}",
+                                 pure=False) for c in configs]
+        pending = as_completed(futures)
+        try:
+            collect(pending)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: each run stops at the end of its epoch
+            print("stopping: each running run stops at the end of its epoch (Ctrl-C again "
+                  "quits at once)", file=sys.stderr, flush=True)
+            client.run(_request_stop, token)
+            collect(pending)
+            raise RunInterrupted(f"the sweep was stopped ({_counts(results)}); rerun the same "
+                                 f"command: finished runs are kept, the others restart") from None
     return results
 
 

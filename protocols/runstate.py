@@ -15,6 +15,9 @@
   data, run files, paths) into one line on stderr naming the file and the fix, exit status 2,
   before Brian2's excepthook can wrap them in its bug-report banner; ``diverged`` is 3 and
   Ctrl-C 130.
+* **Stop requests.** A sweep's runs execute in Dask worker threads, which no signal reaches;
+  the sweep asks them to stop by token (:func:`request_stop`, :class:`stoppable`), and
+  :func:`check_interrupt` raises in those threads at their next iteration.
 """
 
 from __future__ import annotations
@@ -444,15 +447,82 @@ def cli(body, argv=None) -> int:
 
 
 _SIGNALLED = False
+#: True inside deferred_interrupts(): a first Ctrl-C waits for the end of the block
+_DEFERRING = False
 
 
 def _interrupt(signum, frame):
     global _SIGNALLED
+    first = not _SIGNALLED
     _SIGNALLED = True  # remembered: a KeyboardInterrupt raised inside a weakref callback or
-    raise KeyboardInterrupt  # a __del__ is swallowed by Python ("Exception ignored in ...")
+    if _DEFERRING and first:  # a __del__ is swallowed by Python ("Exception ignored in ...")
+        return
+    raise KeyboardInterrupt
+
+
+class deferred_interrupts:
+    """Hold a first Ctrl-C (under :func:`cli`) until the block is done, then raise it: for
+    steps that leave a broken object behind when cut half-way, such as starting a Dask cluster
+    (whose exit hook then fails with a traceback). A second Ctrl-C raises at once."""
+
+    def __enter__(self) -> "deferred_interrupts":
+        global _DEFERRING
+        self.previous = _DEFERRING
+        _DEFERRING = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        global _DEFERRING
+        _DEFERRING = self.previous
+        if exc_type is None and _SIGNALLED and not _DEFERRING:
+            raise KeyboardInterrupt
+        return False
 
 
 def check_interrupt() -> None:
-    """Raise KeyboardInterrupt when a Ctrl-C arrived that Python may have swallowed."""
-    if _SIGNALLED:
+    """Raise KeyboardInterrupt when a Ctrl-C arrived that Python may have swallowed, or when
+    the task this thread runs was asked to stop (:func:`request_stop`)."""
+    if _SIGNALLED or stop_requested():
         raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping the tasks of a sweep
+#
+# A sweep's runs execute in Dask worker threads, where no signal arrives: the sweep's process
+# takes the Ctrl-C (or SIGTERM) and asks every worker to stop the tasks of its sweep. Each task
+# runs under its sweep's token; the token is in the stop set of the worker's process once the
+# sweep asked, and check_interrupt() (called every iteration and every pre-training batch) then
+# raises in that task's thread only, so another sweep's tasks on a shared cluster carry on.
+
+_STOPPED_TOKENS: set[str] = set()
+_TASK = threading.local()
+
+
+def request_stop(token: str) -> None:
+    """Ask the tasks of this process that run under ``token`` to stop at their next check
+    (run on every worker by the sweep through ``Client.run``)."""
+    _STOPPED_TOKENS.add(token)
+
+
+def stop_requested() -> bool:
+    """Whether the task of the calling thread was asked to stop."""
+    token = getattr(_TASK, "token", None)
+    return token is not None and token in _STOPPED_TOKENS
+
+
+class stoppable:
+    """Run the body as a task of ``token``: :func:`check_interrupt` in this thread raises
+    KeyboardInterrupt once :func:`request_stop` was called with it."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def __enter__(self) -> "stoppable":
+        self.previous = getattr(_TASK, "token", None)
+        _TASK.token = self.token
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _TASK.token = self.previous
+        return False

@@ -36,11 +36,15 @@ import json
 import os
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from protocols.config import ConfigError, load_config
+from protocols.runstate import RunInterrupted, cli
 from protocols.study import StudyConfig
 
 Arm = Literal["pretrained", "supervised"]
@@ -125,25 +129,36 @@ def _status(cfg: StudyConfig) -> str:
     return run_status(Path(cfg.out), cfg.training.iterations)
 
 
-def run_one(cfg: StudyConfig, data_dir: str | None) -> dict:
-    """Run (or resume) one study arm; never raises, reports what happened."""
+#: a run's result when its sweep was stopped before the run began
+NOT_STARTED = {"status": "not started", "message": "the sweep was stopped before this run began"}
+
+
+def run_one(cfg: StudyConfig, data_dir: str | None, token: str | None = None) -> dict:
+    """Run (or resume) one study arm; never raises, reports what happened. ``token``: the
+    sweep's, which stops the run at its next iteration once the sweep asks
+    (:func:`protocols.runstate.request_stop`)."""
     from protocols import runstate
     from protocols.study import run_study
     from protocols.train import TrainingDiverged
 
     runstate.VERBOSE = False  # the workers' phase messages would only interleave
     result = {"run": cfg.out, "status": "finished", "message": ""}
-    try:
-        frame = run_study(cfg, data_dir, progress=False)
-        if len(frame):
-            result["message"] = f"test error {float(frame.iloc[-1].test_error):.4f}"
-    except TrainingDiverged as err:
-        result.update(status="diverged", message=str(err))
-    except Exception as err:  # a failing run must not stop the sweep
-        result.update(status="failed", message=f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc())
-    finally:
-        _reset_brian2()
+    with runstate.stoppable(token):
+        if runstate.stop_requested():
+            return {"run": cfg.out, **NOT_STARTED}
+        try:
+            frame = run_study(cfg, data_dir, progress=False)
+            if len(frame):
+                result["message"] = f"test error {float(frame.iloc[-1].test_error):.4f}"
+        except TrainingDiverged as err:
+            result.update(status="diverged", message=str(err))
+        except KeyboardInterrupt as err:  # the sweep asked; status.json says where it stands
+            result.update(status="interrupted", message=str(err))
+        except Exception as err:  # a failing run must not stop the sweep
+            result.update(status="failed", message=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc())
+        finally:
+            _reset_brian2()
     return result
 
 
@@ -156,10 +171,23 @@ def populations(configs: list[StudyConfig], size: int) -> list[list[StudyConfig]
     return groups
 
 
-def run_population(cfgs: list[StudyConfig], data_dir: str | None) -> list[dict]:
+def run_population(cfgs: list[StudyConfig], data_dir: str | None,
+                   token: str | None = None) -> list[dict]:
     """Run (or resume) several study arms of one topology as one population: each pre-trains
     alone (arm 'pretrained'), then all fine-tune in lock-step. Never raises; one result per
     run, as :func:`run_one` reports it."""
+    from protocols import runstate
+
+    with runstate.stoppable(token):
+        if runstate.stop_requested():
+            return [{"run": c.out, **NOT_STARTED} for c in cfgs]
+        try:
+            return _run_population(cfgs, data_dir)
+        except KeyboardInterrupt as err:  # during a member's pre-training or between phases
+            return [{"run": c.out, "status": "interrupted", "message": str(err)} for c in cfgs]
+
+
+def _run_population(cfgs: list[StudyConfig], data_dir: str | None) -> list[dict]:
     import contextlib
 
     from protocols import runstate
@@ -243,19 +271,52 @@ def local_client(workers: int, threads: int):
                                          "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
                  "MALLOC_TRIM_THRESHOLD_": None}  # None: not set (glibc's own default)
+    from protocols.runstate import deferred_interrupts
+
     before = {var: os.environ.get(var) for var in pre_spawn}
-    os.environ.update(env)
+    cluster = client = None
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-    finally:  # this process's environment as it was (the nanny writes into it too)
-        for var, value in before.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-    return Client(cluster)
+        # a Ctrl-C while the cluster starts waits until it has started (a half-started
+        # LocalCluster fails again in Dask's exit hook), then stops it cleanly
+        with deferred_interrupts():
+            os.environ.update(env)
+            try:
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+                    cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                                           processes=True, dashboard_address=None)
+            finally:  # this process's environment as it was (the nanny writes into it too)
+                for var, value in before.items():
+                    if value is None:
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = value
+            client = Client(cluster)
+            client.register_plugin(WorkersLeaveCtrlCToTheSweep(), name="lee2018-ctrl-c")
+    except BaseException:
+        for part in (client, cluster):
+            if part is not None:
+                part.close()
+        raise
+    return client
+
+
+class WorkersLeaveCtrlCToTheSweep(WorkerPlugin):
+    """Worker plugin of the local cluster: its processes ignore SIGINT.
+
+    A Ctrl-C in a terminal reaches every process of the sweep. The sweep's process asks each
+    run to stop at its next iteration (:func:`sweep`); a worker that took the signal itself would
+    instead shut down under its runs (asyncio's handler) or, when the sweep was started in the
+    background and SIGINT was ignored before Brian2 was imported, fail in Brian2's handler,
+    which calls the ignored disposition as a function. Brian2 is imported first, so that its
+    handler is installed before this one replaces it; Brian2's C++ programs inherit the ignore."""
+
+    def setup(self, worker) -> None:
+        import signal
+
+        import brian2  # noqa: F401  (installs Brian2's SIGINT handler now, not later)
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 
 def _client(scheduler: str | None, workers: int, threads: int):
@@ -278,32 +339,94 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
     todo = [c for c in configs if _status(c) != "finished"]
     if not todo:
         return results
+    token = uuid.uuid4().hex  # names this sweep's tasks, so that a Ctrl-C stops only them
     with _client(scheduler, workers, threads) as client:
         if cfg.population > 1:
             groups = {f"population-{g[0].out}": g for g in populations(todo, cfg.population)}
-            futures = [client.submit(run_population, g, data_dir, key=key, pure=False)
+            futures = [client.submit(run_population, g, data_dir, token, key=key, pure=False)
                        for key, g in groups.items()]
         else:
             groups = {f"run-{c.out}": [c] for c in todo}
-            futures = [client.submit(run_one, c, data_dir, key=f"run-{c.out}", pure=False)
-                       for c in todo]
+            futures = [client.submit(run_one, c, data_dir, token, key=f"run-{c.out}",
+                                     pure=False) for c in todo]
         bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
-        for future in as_completed(futures):
-            try:
-                done = future.result()
-            except Exception as err:  # the worker died too often (dask's allowed failures)
-                done = [{"run": c.out, "status": "failed",
-                         "message": f"worker lost: {type(err).__name__}: {err}"}
-                        for c in groups[future.key]]
-            for result in done if isinstance(done, list) else [done]:
-                results.append(result)
-                bar.set_postfix_str(f"{Path(result['run']).name}: {result['status']}")
-                bar.update()
+        pending = as_completed(futures)
+        try:
+            _collect(pending, groups, results, bar)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (runstate.cli): stop the runs cleanly
+            bar.close()
+            print("stopping: each running run stops at its next iteration and keeps its "
+                  "checkpoint (Ctrl-C again quits at once; its runs then resume from their "
+                  "last checkpoint)", file=sys.stderr, flush=True)
+            client.run(_request_stop, token)
+            _collect(pending, groups, results, None)
+            raise SweepInterrupted(results) from None
         bar.close()
     return results
 
 
+def _collect(pending, groups: dict, results: list, bar) -> None:
+    """Append the result of every task as it completes."""
+    for future in pending:
+        try:
+            done = future.result()
+        except Exception as err:  # the worker died too often (dask's allowed failures)
+            done = [{"run": c.out, "status": "failed",
+                     "message": f"worker lost: {type(err).__name__}: {err}"}
+                    for c in groups[future.key]]
+        for result in done if isinstance(done, list) else [done]:
+            results.append(result)
+            if bar is not None:
+                bar.set_postfix_str(f"{Path(result['run']).name}: {result['status']}")
+                bar.update()
+
+
+def _request_stop(token: str) -> None:
+    """On a worker: stop the tasks of the sweep ``token`` (via Client.run)."""
+    from protocols.runstate import request_stop
+
+    request_stop(token)
+
+
+class SweepInterrupted(RunInterrupted):
+    """The sweep was stopped; every run it started recorded where it stands."""
+
+    def __init__(self, results: list[dict]):
+        self.results = results
+        where = [_where(Path(r["run"])) for r in results if r["status"] == "interrupted"]
+        super().__init__(f"the sweep was stopped ({_counts(results)}"
+                         + (f": {', '.join(where)}" if where else "")
+                         + "); rerun the same command to resume")
+
+
+def _where(run: Path) -> str:
+    """'<arm>/<seed> at its checkpoint of iteration N', from the run's status.json."""
+    from protocols.runstate import RunError, read_status
+
+    name = "/".join(run.parts[-2:])
+    try:
+        record = read_status(run) or {}
+    except RunError:
+        record = {}
+    if record.get("iteration") is not None:
+        return f"{name} at its checkpoint of iteration {record['iteration']}"
+    return f"{name} ({record.get('message', 'no status')})"
+
+
+def _counts(results: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
 def main(argv=None) -> int:
+    """The command line; Ctrl-C or SIGTERM stops the runs at their next iteration
+    (:func:`sweep`) and exits 130 with one line saying where they stand."""
+    return cli(_main, argv)
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m protocols.sweep",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,10 +494,7 @@ def main(argv=None) -> int:
         return 0
     results = sweep(cfg, args.scheduler, args.workers, args.threads, args.data_dir,
                     progress=not args.no_progress)
-    counts = {}
-    for r in results:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print("sweep: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print("sweep: " + _counts(results))
     failed = [r for r in results if r["status"] in ("failed", "diverged")]
     for r in failed:
         print(f"  {r['status']}: {r['run']}: {r['message']}", file=sys.stderr)

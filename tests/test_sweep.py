@@ -98,6 +98,71 @@ def test_killed_worker_and_rerun(tmp_path):
     assert {r: (r / "metrics.csv").stat().st_mtime_ns for r in runs} == mtimes
 
 
+@pytest.mark.slow  # a Dask cluster pre-trains and starts 2 tiny runs: ~1 min on 2 cores
+def test_ctrl_c_stops_every_run_at_its_checkpoint_in_one_line(tmp_path):
+    # as a terminal's Ctrl-C: SIGINT to the sweep's whole process group (workers included),
+    # and the sweep started the way a shell starts a background job, SIGINT ignored, where
+    # Brian2's own handler used to fail ("'Handlers' object is not callable", a Brian2 "bug")
+    config = tmp_path / "sweep.toml"
+    config.write_text(TINY.format(out=tmp_path / "runs").replace("iterations = 40",
+                                                                  "iterations = 100000"))
+    runs = [Path(c.out) for c in plan(load_config(config, SweepConfig))]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "protocols.sweep", "--config", str(config), "--workers", "2",
+         "--threads", "1", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 240
+    while sum((r / "checkpoint.npz").exists() and run_status(r) == "running" for r in runs) < 2:
+        assert sweep.poll() is None, sweep.communicate()
+        assert time.time() < deadline, "two runs never got under way"
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, err = sweep.communicate(timeout=180)
+    assert sweep.returncode == 130, out + err
+    assert "Traceback" not in err and "Brian 2" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "rerun the same command" in lines[0], err
+    started = [r for r in runs if (r / "status.json").exists()]
+    assert len(started) >= 2
+    for r in started:  # each recorded where it stands, released its lock, and can resume
+        assert run_status(r) == "interrupted", (r, (r / "status.json").read_text())
+        assert not (r / "run.lock").exists() and not (r / "final.npz").exists()
+    assert sum((r / "checkpoint.npz").exists() for r in started) >= 2
+    assert not any(p.name.startswith("brian_") for p in tmp_path.iterdir())  # no bug reports
+
+
+def test_a_stop_request_reaches_only_the_tasks_of_its_token():
+    import threading
+
+    from protocols import runstate
+
+    seen = {}
+
+    def task(token, name, go):
+        with runstate.stoppable(token):
+            go.wait(5)
+            try:
+                runstate.check_interrupt()
+                seen[name] = "ran on"
+            except KeyboardInterrupt:
+                seen[name] = "stopped"
+
+    go = threading.Event()
+    threads = [threading.Thread(target=task, args=(tok, name, go))
+               for tok, name in (("sweep-a", "a1"), ("sweep-a", "a2"), ("sweep-b", "b"),
+                                 (None, "plain"))]
+    for t in threads:
+        t.start()
+    runstate.request_stop("sweep-a")
+    go.set()
+    for t in threads:
+        t.join(5)
+    assert seen == {"a1": "stopped", "a2": "stopped", "b": "ran on", "plain": "ran on"}
+    runstate.check_interrupt()  # this thread runs no task: untouched
+
+
 def test_run_status_tells_finished_from_extendable(tmp_path):
     import json
 
