@@ -282,8 +282,12 @@ def local_client(workers: int, threads: int):
             os.environ.update(env)
             try:
                 with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+                    # no dashboard; the scheduler's HTTP routes (health, metrics) on a free
+                    # port, not 8787: a second sweep or a --dry-run beside a running sweep
+                    # would print Dask's "Port 8787 is already in use" warning
                     cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                           processes=True, dashboard_address=None)
+                                           processes=True, dashboard_address=None,
+                                           scheduler_kwargs={"dashboard_address": ":0"})
             finally:  # this process's environment as it was (the nanny writes into it too)
                 for var, value in before.items():
                     if value is None:

@@ -238,6 +238,20 @@ def test_local_workers_start_with_the_thread_counts_and_glibc_malloc_defaults(mo
     assert {k: os.environ.get(k) for k in keys} == before  # this process is left as it was
 
 
+def test_two_local_clusters_at_once_print_no_port_warning():
+    # a --dry-run beside a running sweep, or two sweeps on one machine
+    import warnings
+
+    from protocols.sweep import local_client
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with local_client(1, 1) as first, local_client(1, 1) as second:
+            assert len(first.run(os.getpid)) == 1 and len(second.run(os.getpid)) == 1
+    assert not [w for w in caught if "already in use" in str(w.message)], \
+        [str(w.message) for w in caught]
+
+
 def test_estimate_schedules_longest_first():
     from protocols.estimate import format_duration, schedule_wall_time
 
