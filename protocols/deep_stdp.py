@@ -372,10 +372,8 @@ def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str
     """Every run of the grid on Dask (a local cluster, or ``scheduler``); finished runs skip."""
     import uuid
 
-    from dask.distributed import as_completed
-
     from protocols.runstate import RunInterrupted
-    from protocols.sweep import _client, _counts, _request_stop
+    from protocols.sweep import NOT_STARTED, TaskQueue, _client, _counts, _request_stop
 
     configs = plan(cfg)
     results = []
@@ -391,16 +389,18 @@ def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str
             results.append(result)
 
     with _client(scheduler, workers, threads) as client:
-        futures = [client.submit(run_one, c, data_dir, token, key=f"deep-stdp-{c.out}",
-                                 pure=False) for c in configs]
-        pending = as_completed(futures)
+        tasks = TaskQueue(client, run_one,
+                          [(f"deep-stdp-{c.out}", (c, data_dir, token)) for c in configs],
+                          window=None if scheduler else workers)
         try:
-            collect(pending)
+            collect(tasks)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: each run stops at the end of its epoch
             print("stopping: each running run stops at the end of its epoch (Ctrl-C again "
                   "quits at once)", file=sys.stderr, flush=True)
+            results.extend({"run": key.removeprefix("deep-stdp-"), **NOT_STARTED}
+                           for key in tasks.close())
             client.run(_request_stop, token)
-            collect(pending)
+            collect(tasks)
             raise RunInterrupted(f"the sweep was stopped ({_counts(results)}); rerun the same "
                                  f"command: finished runs are kept, the others restart") from None
     return results

@@ -238,6 +238,26 @@ def test_local_workers_start_with_the_thread_counts_and_glibc_malloc_defaults(mo
     assert {k: os.environ.get(k) for k in keys} == before  # this process is left as it was
 
 
+def test_runs_start_in_plan_order_as_workers_free_up():
+    # Dask's default worker saturation gave each 1-thread worker a second task, which waited
+    # behind a long run while the other worker went on to later ones (seed 5 before seed 4)
+    from protocols.sweep import TaskQueue, local_client
+
+    def task(seconds):
+        started = time.time()
+        time.sleep(seconds)
+        return started
+
+    with local_client(2, 1) as client:
+        client.run(time.time)  # both workers up
+        tasks = TaskQueue(client, task, [(f"t-{i}", (s,)) for i, s in
+                                         enumerate([3.0, 0.3, 0.3, 0.3, 0.3])], window=2)
+        started = {int(f.key[2:]): f.result() for f in tasks}
+    assert len(started) == 5
+    order = sorted(range(5), key=started.__getitem__)
+    assert set(order[:2]) == {0, 1} and order[2:] == [2, 3, 4], started
+
+
 def test_two_local_clusters_at_once_print_no_port_warning():
     # a --dry-run beside a running sweep, or two sweeps on one machine
     import warnings
