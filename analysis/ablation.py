@@ -16,7 +16,7 @@ per variant) and ``kernels_<variant>_<arm>.{png,svg}`` (conv1 kernels of the low
 Run::
 
     python -m analysis.ablation runs/ablation --out results/ablation_shallow --at 600 1200
-        [--variant baseline=results/shallow_mnist_eta3_gpu/runs --until 3000]
+        [--variant baseline=results/shallow_mnist_eta3_gpu/runs --until 3000] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -171,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for tables and figures")
     parser.add_argument("--at", type=int, nargs="+", default=[600, 1200],
                         help="iterations at which to compare the test error")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="only these seeds (matched seeds, e.g. while one variant's sweep "
+                             "is still growing)")
     args = parser.parse_args(argv)
     try:
         extra = dict(v.split("=", 1) for v in args.variant)
@@ -183,6 +186,13 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}")
         return 2
+    if args.seeds:
+        missing = sorted(set(args.seeds) - set(table["seed"]))
+        if missing:
+            print(f"error: --seeds {' '.join(map(str, missing))}: no run of that seed; the "
+                  f"runs have seeds {' '.join(map(str, sorted(set(table['seed']))))}")
+            return 2
+        table = table[table["seed"].isin(args.seeds)]
     table_shown = table if args.until is None else table[table["iteration"] <= args.until]
     runs = per_run(table, args.at, args.threshold, args.until)
     write_table(runs, args.out, "per_run")

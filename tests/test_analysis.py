@@ -251,6 +251,19 @@ def test_ablation_compares_variants_up_to_an_iteration(tmp_path):
     assert example["test_200"] == pytest.approx(mine.test_200.mean())
 
 
+def test_ablation_keeps_only_the_matched_seeds_asked_for(tmp_path, capsys):
+    from analysis.ablation import main as ablation_main
+
+    screen = Path(__file__).resolve().parents[1] / "results" / "ablation_shallow_screen" / "runs"
+    args = [str(screen), "--variant", f"example={EXAMPLE}", "--out", str(tmp_path), "--at",
+            "100", "200", "--until", "400", "--threshold", "0.1"]
+    assert ablation_main(args + ["--seeds", "1"]) == 0
+    runs = pd.read_csv(tmp_path / "per_run.csv")
+    assert set(runs.seed) == {1} and {"example", "sum_gate"} <= set(runs.variant)
+    assert ablation_main(args + ["--seeds", "1", "7"]) == 2
+    assert "--seeds 7: no run of that seed" in capsys.readouterr().out
+
+
 def test_collapsed_runs_are_those_whose_output_fell_silent():
     from analysis.ablation import SILENT_OUTPUT, collapsed
 
