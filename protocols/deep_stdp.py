@@ -370,14 +370,11 @@ def run_one(cfg: DeepSTDPConfig, data_dir: str | None, token: str | None = None)
 def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str | None = None,
           data_dir: str | None = None) -> list[dict]:
     """Every run of the grid on Dask (a local cluster, or ``scheduler``); finished runs skip."""
-    import uuid
-
     from protocols.runstate import RunInterrupted
-    from protocols.sweep import NOT_STARTED, TaskQueue, _client, _counts, _request_stop
+    from protocols.sweep import NOT_STARTED, TaskQueue, _client, _counts
 
     configs = plan(cfg)
     results = []
-    token = uuid.uuid4().hex  # a Ctrl-C stops this sweep's runs only (protocols.sweep)
 
     def collect(pending):
         for future in pending:
@@ -390,7 +387,7 @@ def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str
 
     with _client(scheduler, workers, threads) as client:
         tasks = TaskQueue(client, run_one,
-                          [(f"deep-stdp-{c.out}", (c, data_dir, token)) for c in configs],
+                          [(f"deep-stdp-{c.out}", (c, data_dir)) for c in configs],
                           window=None if scheduler else workers)
         try:
             collect(tasks)
@@ -398,8 +395,7 @@ def sweep(cfg: DeepSTDPSweep, workers: int = 1, threads: int = 1, scheduler: str
             print("stopping: each running run stops at the end of its epoch (Ctrl-C again "
                   "quits at once)", file=sys.stderr, flush=True)
             results.extend({"run": key.removeprefix("deep-stdp-"), **NOT_STARTED}
-                           for key in tasks.close())
-            client.run(_request_stop, token)
+                           for key in tasks.stop())
             collect(tasks)
             raise RunInterrupted(f"the sweep was stopped ({_counts(results)}); rerun the same "
                                  f"command: finished runs are kept, the others restart") from None

@@ -267,13 +267,12 @@ def local_client(workers: int, threads: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
+    from protocols.runstate import deferred_interrupts
+
     env = {var: str(threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                          "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
                  "MALLOC_TRIM_THRESHOLD_": None}  # None: not set (glibc's own default)
-    settings = {"distributed.nanny.pre-spawn-environ": pre_spawn}
-    from protocols.runstate import deferred_interrupts
-
     before = {var: os.environ.get(var) for var in pre_spawn}
     cluster = client = None
     try:
@@ -282,7 +281,7 @@ def local_client(workers: int, threads: int):
         with deferred_interrupts():
             os.environ.update(env)
             try:
-                with dask.config.set(settings):
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
                     # no dashboard; the scheduler's HTTP routes (health, metrics) on a free
                     # port, not 8787: a second sweep or a --dry-run beside a running sweep
                     # would print Dask's "Port 8787 is already in use" warning
@@ -323,7 +322,6 @@ class WorkersLeaveCtrlCToTheSweep(WorkerPlugin):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-
 def _client(scheduler: str | None, workers: int, threads: int):
     from dask.distributed import Client
 
@@ -343,17 +341,15 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
     todo = [c for c in configs if _status(c) != "finished"]
     if not todo:
         return results
-    token = uuid.uuid4().hex  # names this sweep's tasks, so that a Ctrl-C stops only them
     with _client(scheduler, workers, threads) as client:
         if cfg.population > 1:
             groups = {f"population-{g[0].out}": g for g in populations(todo, cfg.population)}
             tasks = TaskQueue(client, run_population,
-                              [(key, (g, data_dir, token)) for key, g in groups.items()],
+                              [(key, (g, data_dir)) for key, g in groups.items()],
                               window=None if scheduler else workers)
         else:
             groups = {f"run-{c.out}": [c] for c in todo}
-            tasks = TaskQueue(client, run_one,
-                              [(f"run-{c.out}", (c, data_dir, token)) for c in todo],
+            tasks = TaskQueue(client, run_one, [(f"run-{c.out}", (c, data_dir)) for c in todo],
                               window=None if scheduler else workers)
         bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
         try:
@@ -363,9 +359,8 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
             print("stopping: each running run stops at its next iteration and keeps its "
                   "checkpoint (Ctrl-C again quits at once; its runs then resume from their "
                   "last checkpoint)", file=sys.stderr, flush=True)
-            results += [{"run": c.out, **NOT_STARTED} for key in tasks.close()
+            results += [{"run": c.out, **NOT_STARTED} for key in tasks.stop()
                         for c in groups[key]]
-            client.run(_request_stop, token)
             _collect(tasks, groups, results, None)
             raise SweepInterrupted(results) from None
         bar.close()
@@ -373,11 +368,12 @@ def sweep(cfg: SweepConfig, scheduler: str | None = None, workers: int = 1, thre
 
 
 class TaskQueue:
-    """``fn(*args)`` for each ``(key, args)`` on a Dask client, started in this order: at most
-    ``window`` submitted at a time (the local cluster's workers), the next as one completes;
-    ``window=None`` submits all at once and leaves the order to the cluster (an external
-    scheduler, whose adaptive scaling reads its queue). Iterating yields futures as they
-    complete.
+    """``fn(*args, token)`` for each ``(key, args)`` on a Dask client, started in this order: at
+    most ``window`` submitted at a time (the local cluster's workers), the next as one
+    completes; ``window=None`` submits all at once and leaves the order to the cluster (an
+    external scheduler, whose adaptive scaling reads its queue). Iterating yields futures as
+    they complete. ``token`` names this queue's tasks, so that :meth:`stop` stops only them
+    (``fn`` runs under :class:`protocols.runstate.stoppable`).
 
     Submitting everything to a local cluster let Dask place a second task on each 1-thread
     worker (worker saturation 1.1, and tasks are not queued centrally until a group outnumbers
@@ -388,6 +384,7 @@ class TaskQueue:
         from dask.distributed import as_completed
 
         self.client, self.fn, self.window = client, fn, window
+        self.token = uuid.uuid4().hex
         self.waiting = list(tasks)
         self.running = as_completed()
         self._fill()
@@ -395,18 +392,21 @@ class TaskQueue:
     def _fill(self) -> None:
         while self.waiting and (self.window is None or self.running.count() < self.window):
             key, args = self.waiting.pop(0)
-            self.running.add(self.client.submit(self.fn, *args, key=key, pure=False,
-                                                priority=len(self.waiting)))
+            self.running.add(self.client.submit(self.fn, *args, self.token, key=key,
+                                                pure=False, priority=len(self.waiting)))
 
     def __iter__(self):
         for future in self.running:
             yield future
             self._fill()
 
-    def close(self) -> list[str]:
-        """Submit nothing more; the keys of the tasks never submitted."""
+    def stop(self) -> list[str]:
+        """Submit nothing more and ask every worker to stop this queue's running tasks at their
+        next check (they then complete, and iterating goes on yielding them); returns the keys
+        of the tasks never submitted."""
         keys = [key for key, _ in self.waiting]
         self.waiting = []
+        self.client.run(_request_stop, self.token)
         return keys
 
 

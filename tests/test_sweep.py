@@ -113,13 +113,19 @@ def test_ctrl_c_stops_every_run_at_its_checkpoint_in_one_line(tmp_path):
          "--threads", "1", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 480  # a cold Brian2 cache compiles the pre-training code first
-    while sum((r / "checkpoint.npz").exists() and run_status(r) == "running" for r in runs) < 2:
-        assert sweep.poll() is None, sweep.communicate()
-        assert time.time() < deadline, "two runs never got under way"
-        time.sleep(0.2)
-    os.killpg(sweep.pid, signal.SIGINT)
-    out, err = sweep.communicate(timeout=180)
+    try:
+        deadline = time.time() + 480  # a cold Brian2 cache compiles the pre-training code first
+        while sum((r / "checkpoint.npz").exists() and run_status(r) == "running"
+                  for r in runs) < 2:
+            assert sweep.poll() is None, sweep.communicate()
+            assert time.time() < deadline, "two runs never got under way"
+            time.sleep(0.2)
+        os.killpg(sweep.pid, signal.SIGINT)
+        out, err = sweep.communicate(timeout=180)
+    finally:  # a sweep that did not stop must not outlive the test (it ignores SIGINT)
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.communicate()
     assert sweep.returncode == 130, out + err
     assert "Traceback" not in err and "Brian 2" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
@@ -243,7 +249,7 @@ def test_runs_start_in_plan_order_as_workers_free_up():
     # behind a long run while the other worker went on to later ones (seed 5 before seed 4)
     from protocols.sweep import TaskQueue, local_client
 
-    def task(seconds):
+    def task(seconds, token):  # TaskQueue passes its token last
         started = time.time()
         time.sleep(seconds)
         return started
