@@ -10,7 +10,9 @@ the run's command. [choice] The repository must stay small enough to travel to a
 with its working tree (64 MiB); ``--full-weights`` keeps ``initial.npz`` / ``final.npz`` whole.
 
 A run that has not ended (``status.json`` says ``running`` or ``interrupted``) keeps what resuming
-it reads, ``checkpoint.npz`` and ``initial.npz`` whole, so a study that one session or machine
+it reads whole: ``checkpoint.npz``, and ``initial.npz`` where the run uses threshold homeostasis
+(its targets are recomputed from the initial weights; otherwise the conv layers of
+``initial.npz`` are kept, as for an ended run), so a study that one session or machine
 could not finish is committed and grown by the next: ``python -m protocols.sweep --config C
 --out <the committed runs folder>`` resumes every such run where it stopped, bit for bit, then
 ``--in-place`` slims what has finished. ``--resumable`` keeps that state for finished runs too,
@@ -40,7 +42,8 @@ from protocols.runstate import RunError, read_status
 #: the records copied as they are (the pre-training folder whole)
 RECORDS = ("config.json", "metrics.csv", "status.json")
 WEIGHTS = ("initial", "final")
-#: what resuming or extending a run reads besides its records (protocols.train.RunState)
+#: what resuming or extending a run reads besides its records (protocols.train.RunState);
+#: initial.npz only under threshold homeostasis (protocols.train.homeostasis_targets)
 RESUME_STATE = ("checkpoint.npz", "initial.npz")
 #: the statuses of a run that has ended (any other, e.g. running or interrupted: the same
 #: command resumes it)
@@ -78,6 +81,20 @@ def keeps_resume_state(run_dir: Path, resumable: bool = False) -> bool:
     return resumable or status not in ENDED
 
 
+def resume_state(run_dir: Path) -> tuple[str, ...]:
+    """The files of :data:`RESUME_STATE` that resuming ``run_dir`` reads: its checkpoint, and
+    its whole initial weights only when ``bp.threshold_homeostasis`` is on (or the record
+    cannot say). [choice] A deep run's initial FC weights are 0.75 MB that nothing else reads."""
+    import json
+
+    try:
+        bp = json.loads((run_dir / "config.json").read_text())["config"]["bp"]
+        homeostasis = float(bp.get("threshold_homeostasis", 0.0)) > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        homeostasis = True  # an unreadable record: keep whatever might be needed
+    return RESUME_STATE if homeostasis else ("checkpoint.npz",)
+
+
 def archive_run(source: Path, target: Path, full_weights: bool = False,
                 resumable: bool = False) -> list[str]:
     """Write ``source``'s records and weights into ``target`` (may be ``source``: in place);
@@ -87,12 +104,12 @@ def archive_run(source: Path, target: Path, full_weights: bool = False,
     written = []
     kept = []
     if keeps_resume_state(source, resumable):
-        kept = [name for name in RESUME_STATE if (source / name).exists()]
+        kept = [name for name in resume_state(source) if (source / name).exists()]
         for name in kept:
             if not in_place:
                 shutil.copy2(source / name, target / name)
             written.append(f"{name} (kept whole: resumable)")
-    elif in_place and (source / "checkpoint.npz").exists():
+    if not kept and in_place and (source / "checkpoint.npz").exists():
         (source / "checkpoint.npz").unlink()
         written.append("checkpoint.npz (removed: the run has ended)")
     if not in_place:
@@ -132,8 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--full-weights", action="store_true",
                         help="keep initial.npz / final.npz whole (FC weights too)")
     parser.add_argument("--resumable", action="store_true",
-                        help="keep checkpoint.npz and initial.npz of finished runs too, so that "
-                             "more iterations extend them (unfinished runs always keep them)")
+                        help="keep finished runs' resume state too (checkpoint.npz; initial.npz "
+                             "under threshold homeostasis), so that more iterations extend them "
+                             "(unfinished runs always keep it)")
     args = parser.parse_args(argv)
     if (args.out is None) == (not args.in_place):
         parser.error("give either --out FOLDER or --in-place")
