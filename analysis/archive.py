@@ -32,6 +32,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -85,8 +86,6 @@ def resume_state(run_dir: Path) -> tuple[str, ...]:
     """The files of :data:`RESUME_STATE` that resuming ``run_dir`` reads: its checkpoint, and
     its whole initial weights only when ``bp.threshold_homeostasis`` is on (or the record
     cannot say). [choice] A deep run's initial FC weights are 0.75 MB that nothing else reads."""
-    import json
-
     try:
         bp = json.loads((run_dir / "config.json").read_text())["config"]["bp"]
         homeostasis = float(bp.get("threshold_homeostasis", 0.0)) > 0
@@ -109,7 +108,7 @@ def archive_run(source: Path, target: Path, full_weights: bool = False,
             if not in_place:
                 shutil.copy2(source / name, target / name)
             written.append(f"{name} (kept whole: resumable)")
-    if not kept and in_place and (source / "checkpoint.npz").exists():
+    elif in_place and (source / "checkpoint.npz").exists():
         (source / "checkpoint.npz").unlink()
         written.append("checkpoint.npz (removed: the run has ended)")
     if not in_place:
