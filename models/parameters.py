@@ -331,6 +331,12 @@ class BPParameters:
     conv_reduction: str = "sum"
     #: [choice] 1: factor on eta for conv layers (a per-layer step balance; 1 = the paper's one eta)
     conv_eta_scale: float = 1.0
+    #: [choice] 1: a further factor on eta for conv layers that start from STDP pre-training
+    #: (arm "pretrained"; randomly initialised conv layers keep conv_eta_scale alone), so that
+    #: one config serves both arms. STDP leaves the kernels at 5x the random initialisation's
+    #: norm, so one eta moves them ~8x less, relative to their size, than a random layer
+    #: (docs/finetuning.md, "The pre-trained conv layer's step size"); 1 = the paper's one eta
+    pretrained_conv_eta_scale: float = 1.0
     #: [choice] 0: L2 weight decay lambda (dW += lambda W); Lee et al. 2020's code uses 5e-4.
     #: Off by default: the paper does not mention one
     weight_decay: float = 0.0
@@ -356,9 +362,11 @@ class BPParameters:
                       ("lee2018", "lee2018_window", "lee2020", "straight_through"))
         _check_choice(self, "silent_units", ("pass", "zero"))
         _check_choice(self, "conv_reduction", ("mean", "sum"))
-        if self.conv_eta_scale <= 0 or self.weight_decay < 0 or self.threshold_homeostasis < 0:
-            raise ParameterError("BPParameters: conv_eta_scale must be positive, weight_decay "
-                                 "and threshold_homeostasis non-negative")
+        if (self.conv_eta_scale <= 0 or self.pretrained_conv_eta_scale <= 0
+                or self.weight_decay < 0 or self.threshold_homeostasis < 0):
+            raise ParameterError("BPParameters: conv_eta_scale and pretrained_conv_eta_scale "
+                                 "must be positive, weight_decay and threshold_homeostasis "
+                                 "non-negative")
         _check_choice(self, "activation_norm", ("max", "T"))
         if self.tau_p <= 0 * ms or self.t_first_epoch <= 0 * ms or self.t_later_epochs <= 0 * ms:
             raise ParameterError("BPParameters: tau_p and presentation lengths must be positive")

@@ -54,7 +54,8 @@ Reading of the parts the paper's surviving text leaves open (all [recon], option
   the kernel entry [paper: "we average the partial derivatives over the output map connections
   sharing the particular weight"]; ``sum`` adds them, the convention of the MATLAB CNN code of
   the time (DeepLearnToolbox ``cnnbp.m``), which is the exact gradient of the batch-mean loss.
-  ``conv_eta_scale`` multiplies η for conv layers.
+  ``conv_eta_scale`` multiplies η for conv layers, and ``pretrained_conv_eta_scale`` in addition
+  for conv layers that start from STDP pre-training (arm "pretrained").
 * Weight decay (option ``weight_decay`` λ): ΔW ← ΔW + λ W before the step (L2 penalty ½λ‖W‖²).
 * Thresholds are not trained: the paper fine-tunes the synaptic weights only ("fine-tuning the
   synaptic weights with spike-based supervised gradient descent"); thresholds stay at their
@@ -297,10 +298,13 @@ def backward(
     return grads, BatchStats(loss=loss, nll=nll, predictions=predictions, probabilities=p)
 
 
-def layer_learning_rates(layers: Sequence[Layer], bp: BPParameters) -> list:
-    """η of every layer: ``bp.eta``, times ``bp.conv_eta_scale`` for conv layers."""
-    return [bp.eta * (bp.conv_eta_scale if isinstance(layer, ConvLayer) else 1.0)
-            for layer in layers]
+def layer_learning_rates(layers: Sequence[Layer], bp: BPParameters,
+                         pretrained_conv: bool = False) -> list:
+    """η of every layer: ``bp.eta``, times ``bp.conv_eta_scale`` for conv layers, times
+    ``bp.pretrained_conv_eta_scale`` as well when the conv layers start from STDP pre-training
+    (``pretrained_conv``: the arm "pretrained", whose every conv layer is pre-trained)."""
+    conv = bp.conv_eta_scale * (bp.pretrained_conv_eta_scale if pretrained_conv else 1.0)
+    return [bp.eta * (conv if isinstance(layer, ConvLayer) else 1.0) for layer in layers]
 
 
 def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta,

@@ -82,7 +82,7 @@ def probe(cfg, data, pretrained_file: str | None = None, batches: int = 3) -> li
     tcfg = train_config(cfg)
     dtype = np.dtype(tcfg.training.dtype)
     schedule = make_schedule(len(data.train_labels), excluded, cfg.bp.batch_size, cfg.seed)
-    etas = layer_learning_rates(layers, cfg.bp)
+    etas = layer_learning_rates(layers, cfg.bp, pretrained is not None)
     tau_p = tau_steps(cfg.bp.tau_p, cfg.lif.dt)
     labels = layer_labels(layers)
     rows = []

@@ -88,7 +88,8 @@ class StudyConfig:
 
 def train_config(cfg: StudyConfig) -> TrainConfig:
     return TrainConfig(topology=cfg.topology, seed=cfg.seed, training=cfg.training, bp=cfg.bp,
-                       lif=cfg.lif, pooling=cfg.pooling, input=cfg.input, guard=cfg.guard)
+                       lif=cfg.lif, pooling=cfg.pooling, input=cfg.input, guard=cfg.guard,
+                       pretrained_conv=cfg.arm == "pretrained")
 
 
 def load_pretrained_conv(path: str | Path, topology: str) -> tuple[dict, np.ndarray]:

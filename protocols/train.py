@@ -175,6 +175,9 @@ class TrainConfig:
     input: InputParameters = field(default_factory=InputParameters)
     #: when a run counts as diverged besides NaN/inf (may change when a run is resumed)
     guard: GuardSettings = field(default_factory=GuardSettings)
+    #: the conv layers start from STDP pre-training (arm "pretrained"): their η takes
+    #: ``bp.pretrained_conv_eta_scale`` as well (protocols/bp.py, layer_learning_rates)
+    pretrained_conv: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +340,7 @@ LEGACY_VALUES: dict[tuple[str, str], object] = {
     ("bp", "conv_reduction"): "mean",
     ("bp", "silent_units"): "pass",
     ("bp", "conv_eta_scale"): 1.0,
+    ("bp", "pretrained_conv_eta_scale"): 1.0,
     ("bp", "weight_decay"): 0.0,
     ("training", "test_subset"): "first",
 }
@@ -383,6 +387,10 @@ def _comparable(config):
     if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
         return config
     config = {k: v for k, v in _with_new_defaults(config).items() if k != "guard"}
+    # which arm's conv layers a run trains matters only where it scales their η (records made
+    # before the key existed lack it, and used the scale 1)
+    if config["bp"].get("pretrained_conv_eta_scale", 1.0) == 1.0:
+        config.pop("pretrained_conv", None)
     # with the whole test split evaluated, which subset rule applies does not matter
     unused = ("test_subset",) if not config["training"].get("test_eval_images") else ()
     return {**config, "training": {k: v for k, v in config["training"].items()
@@ -522,7 +530,7 @@ class TrainingRun:
         homeostasis = cfg.bp.threshold_homeostasis
         self.targets = (homeostasis_targets(cfg, self.layers, self.run_dir, data, self.schedule,
                                             self.xp) if homeostasis > 0 else None)
-        self.etas = layer_learning_rates(self.layers, cfg.bp)
+        self.etas = layer_learning_rates(self.layers, cfg.bp, cfg.pretrained_conv)
         self.guard = DivergenceGuard(cfg.guard, self.rows)
         self.ck_every = cfg.training.checkpoint_every or cfg.training.log_every
 
