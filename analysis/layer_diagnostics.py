@@ -21,6 +21,7 @@ QUANTITIES = {
     "saturated": ("fraction saturated", False),
     "map_mean": ("mean of per-map kernel means", False),
     "wnorm": ("‖W‖", True),
+    "step_factor": ("balanced factor on η", True),
 }
 
 

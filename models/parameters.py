@@ -337,6 +337,13 @@ class BPParameters:
     #: norm, so one eta moves them ~8x less, relative to their size, than a random layer
     #: (docs/finetuning.md, "The pre-trained conv layer's step size"); 1 = the paper's one eta
     pretrained_conv_eta_scale: float = 1.0
+    #: [choice] 0: step balance c of the pre-trained arm's conv layers (0 = off). c > 0: at every
+    #: evaluation row each such layer's step factor f is re-set so that its mean relative step
+    #: ‖ηΔW‖/‖W‖ over the interval just ended would have been c times the mean over the FC
+    #: layers (f ← clip(f·c·r_fc/r_conv, 1, 100); the first interval runs at f = 1). Unlike a
+    #: fixed factor it adapts to the dataset and the layer: randomly initialised nets trained
+    #: with one η keep c ≈ 0.6 on MNIST and Fashion-MNIST, shallow and deep (docs/finetuning.md)
+    pretrained_conv_step_balance: float = 0.0
     #: [choice] 0: L2 weight decay lambda (dW += lambda W); Lee et al. 2020's code uses 5e-4.
     #: Off by default: the paper does not mention one
     weight_decay: float = 0.0
@@ -363,10 +370,11 @@ class BPParameters:
         _check_choice(self, "silent_units", ("pass", "zero"))
         _check_choice(self, "conv_reduction", ("mean", "sum"))
         if (self.conv_eta_scale <= 0 or self.pretrained_conv_eta_scale <= 0
-                or self.weight_decay < 0 or self.threshold_homeostasis < 0):
+                or self.weight_decay < 0 or self.threshold_homeostasis < 0
+                or self.pretrained_conv_step_balance < 0):
             raise ParameterError("BPParameters: conv_eta_scale and pretrained_conv_eta_scale "
-                                 "must be positive, weight_decay and threshold_homeostasis "
-                                 "non-negative")
+                                 "must be positive, weight_decay, threshold_homeostasis and "
+                                 "pretrained_conv_step_balance non-negative")
         _check_choice(self, "activation_norm", ("max", "T"))
         if self.tau_p <= 0 * ms or self.t_first_epoch <= 0 * ms or self.t_later_epochs <= 0 * ms:
             raise ParameterError("BPParameters: tau_p and presentation lengths must be positive")

@@ -55,7 +55,11 @@ Reading of the parts the paper's surviving text leaves open (all [recon], option
   sharing the particular weight"]; ``sum`` adds them, the convention of the MATLAB CNN code of
   the time (DeepLearnToolbox ``cnnbp.m``), which is the exact gradient of the batch-mean loss.
   ``conv_eta_scale`` multiplies η for conv layers, and ``pretrained_conv_eta_scale`` in addition
-  for conv layers that start from STDP pre-training (arm "pretrained").
+  for conv layers that start from STDP pre-training (arm "pretrained"). With
+  ``pretrained_conv_step_balance`` c > 0 those layers' η takes a further factor f, re-set at
+  every evaluation row from the mean relative steps of the interval just ended,
+  :math:`f \leftarrow \mathrm{clip}(f\, c\, \bar r_{FC} / \bar r_{conv},\ 1,\ 100)`
+  (:func:`balanced_step_factors`; f = 1 until the first row after iteration 0).
 * Weight decay (option ``weight_decay`` λ): ΔW ← ΔW + λ W before the step (L2 penalty ½λ‖W‖²).
 * Thresholds are not trained: the paper fine-tunes the synaptic weights only ("fine-tuning the
   synaptic weights with spike-based supervised gradient descent"); thresholds stay at their
@@ -305,6 +309,37 @@ def layer_learning_rates(layers: Sequence[Layer], bp: BPParameters,
     (``pretrained_conv``: the arm "pretrained", whose every conv layer is pre-trained)."""
     conv = bp.conv_eta_scale * (bp.pretrained_conv_eta_scale if pretrained_conv else 1.0)
     return [bp.eta * (conv if isinstance(layer, ConvLayer) else 1.0) for layer in layers]
+
+
+#: [choice] bounds of the balanced step factor (``pretrained_conv_step_balance``): never below
+#: the paper's one η, and at most 100×, so that a layer whose gradient nearly vanishes (gated
+#: units) cannot be handed a step that overshoots when its gradient returns
+STEP_FACTOR_BOUNDS = (1.0, 100.0)
+
+
+def balanced_step_factors(layers: Sequence[Layer], factors: Sequence[float], rel_steps: dict,
+                          balance: float) -> list:
+    """New step factors of the conv layers: each f ← clip(f · c · r_fc / r_conv) with
+    ``rel_steps`` the mean relative steps of the interval just ended, by layer label (the
+    ``{label}_rel_step`` diagnostics, taken with the factors ``factors``), r_fc their mean over
+    the FC layers and c = ``balance``. Layers without a step in the interval keep their factor;
+    non-conv layers keep 1."""
+    from protocols.diagnostics import layer_labels
+
+    labels = layer_labels(layers)
+    fc = [rel_steps.get(f"{label}_rel_step") for label, layer in zip(labels, layers)
+          if isinstance(layer, FCLayer)]
+    fc = [r for r in fc if r is not None and math.isfinite(r) and r > 0]
+    out = list(factors)
+    if not fc:
+        return out
+    r_fc = sum(fc) / len(fc)
+    low, high = STEP_FACTOR_BOUNDS
+    for i, (label, layer) in enumerate(zip(labels, layers)):
+        r_conv = rel_steps.get(f"{label}_rel_step") if isinstance(layer, ConvLayer) else None
+        if r_conv is not None and math.isfinite(r_conv) and r_conv > 0:
+            out[i] = min(high, max(low, factors[i] * balance * r_fc / r_conv))
+    return out
 
 
 def sgd_step(params: Sequence[LayerParams | None], grads: Sequence, eta,

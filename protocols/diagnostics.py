@@ -10,6 +10,9 @@ Written into every evaluation row of ``metrics.csv`` (columns prefixed by the la
 * ``{layer}_saturated``: fraction of (image, unit) pairs firing in at least
   :data:`SATURATED_FRACTION` of the steps (where ``lee2018``'s a' ≈ 0);
 * ``{layer}_wnorm``: ‖W‖ (trainable layers);
+* ``{layer}_step_factor`` (conv layers of a pre-trained run with
+  ``bp.pretrained_conv_step_balance`` > 0): the balanced factor on η applied over the interval
+  that ends at the row (protocols/bp.py, ``balanced_step_factors``);
 * ``{layer}_map_mean`` and ``{layer}_map_mean_sd`` (conv layers): the mean over maps, and the
   spread over maps, of each map's mean kernel entry: the per-map gain mode of the kernels.
 
@@ -125,5 +128,5 @@ class StepTally:
 def diagnostic_columns(columns: Sequence[str]) -> list[str]:
     """The diagnostic columns among ``columns``, in a stable order (layer, then quantity)."""
     suffixes = ("_rel_step", "_spikes", "_silent", "_saturated", "_wnorm", "_map_mean",
-                "_map_mean_sd", "_th_mean")
+                "_map_mean_sd", "_th_mean", "_step_factor")
     return [c for c in columns if any(c.endswith(s) for s in suffixes)]

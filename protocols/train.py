@@ -48,9 +48,10 @@ import numpy as np
 
 from models.batched import to_numpy, forward, params_from_arrays, params_to_arrays
 from models.parameters import BPParameters, InputParameters, LIFParameters, PoolingParameters
-from models.topology import SHALLOW, parse_topology
-from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, layer_learning_rates,
-                          map_rates, output_probabilities, predict, sgd_step, tau_steps)
+from models.topology import SHALLOW, ConvLayer, parse_topology
+from protocols.bp import (NLL_FLOOR, adapt_thresholds, backward, balanced_step_factors,
+                          layer_learning_rates, map_rates, output_probabilities, predict,
+                          sgd_step, tau_steps)
 from protocols.datasets import fixed_subset
 from protocols.diagnostics import (ActivityTally, StepTally, diagnostic_columns, layer_labels,
                                    weight_columns)
@@ -341,6 +342,7 @@ LEGACY_VALUES: dict[tuple[str, str], object] = {
     ("bp", "silent_units"): "pass",
     ("bp", "conv_eta_scale"): 1.0,
     ("bp", "pretrained_conv_eta_scale"): 1.0,
+    ("bp", "pretrained_conv_step_balance"): 0.0,
     ("bp", "weight_decay"): 0.0,
     ("training", "test_subset"): "first",
 }
@@ -389,7 +391,8 @@ def _comparable(config):
     config = {k: v for k, v in _with_new_defaults(config).items() if k != "guard"}
     # which arm's conv layers a run trains matters only where it scales their η (records made
     # before the key existed lack it, and used the scale 1)
-    if config["bp"].get("pretrained_conv_eta_scale", 1.0) == 1.0:
+    if (config["bp"].get("pretrained_conv_eta_scale", 1.0) == 1.0
+            and not config["bp"].get("pretrained_conv_step_balance", 0.0)):
         config.pop("pretrained_conv", None)
     # with the whole test split evaluated, which subset rule applies does not matter
     unused = ("test_subset",) if not config["training"].get("test_eval_images") else ()
@@ -479,6 +482,7 @@ class TrainingRun:
             self.start = int(arrays["iteration"])
             self.rows = json.loads(str(arrays["metrics_json"]))
             step_sums = arrays.get("rel_step_sums")
+            factors = arrays.get("step_factors")
             self.wall_offset = float(arrays["wall_time_s"])
             saved_rng = json.loads(str(arrays["next_input_rng_json"]))
             if saved_rng != rng_for(cfg.seed, 2, self.start).bit_generator.state:
@@ -493,6 +497,7 @@ class TrainingRun:
                 for p in initial_params]
             self.start = 0
             self.wall_offset = 0.0
+            factors = None
             atomic_savez(run_dir / "initial.npz", params_to_arrays(layers, self.params))
         self.total = total = cfg.training.iterations
         self.iteration = self.start
@@ -501,6 +506,8 @@ class TrainingRun:
                          previous.get("iteration") == total and
                          (run_dir / "final.npz").exists())
         self.steps = StepTally(layers)
+        #: the balanced step factor of each layer (bp.pretrained_conv_step_balance; else 1)
+        self.factors = [1.0] * len(layers) if factors is None else [float(f) for f in factors]
         if step_sums is not None:
             self.steps.sums[:] = step_sums
             self.steps.n = int(arrays["rel_step_n"])
@@ -531,6 +538,7 @@ class TrainingRun:
         self.targets = (homeostasis_targets(cfg, self.layers, self.run_dir, data, self.schedule,
                                             self.xp) if homeostasis > 0 else None)
         self.etas = layer_learning_rates(self.layers, cfg.bp, cfg.pretrained_conv)
+        self.balance = cfg.bp.pretrained_conv_step_balance if cfg.pretrained_conv else 0.0
         self.guard = DivergenceGuard(cfg.guard, self.rows)
         self.ck_every = cfg.training.checkpoint_every or cfg.training.log_every
 
@@ -554,11 +562,20 @@ class TrainingRun:
         """Log a metrics row of ``evaluation`` (:meth:`evaluate`'s tuple) and check it; the
         initial row (iteration 0) is then checkpointed."""
         train_err, train_nll, test_err, test_nll, activity = evaluation
+        steps = self.steps.columns()
+        factors = {}
+        if self.balance:  # the factors of the interval just ended, then the next interval's
+            factors = {f"{label}_step_factor": f for label, layer, f in
+                       zip(layer_labels(self.layers), self.layers, self.factors)
+                       if isinstance(layer, ConvLayer)}
+            if iteration > 0:
+                self.factors = balanced_step_factors(self.layers, self.factors, steps,
+                                                     self.balance)
         row = {"iteration": iteration, "epoch": epoch,
                "images_seen": iteration * self.cfg.bp.batch_size,
                "wall_time_s": round(self.wall(), 3),
                "train_error": train_err, "test_error": test_err, "train_nll": train_nll,
-               "test_nll": test_nll, **self.steps.columns(), **activity.columns(),
+               "test_nll": test_nll, **steps, **factors, **activity.columns(),
                **weight_columns(self.layers, self.params, thresholds=self.targets is not None)}
         self.rows.append(row)
         write_metrics(self.run_dir, self.rows)
@@ -582,6 +599,7 @@ class TrainingRun:
             metrics_json=np.asarray(json.dumps(self.rows)),
             rel_step_sums=self.steps.sums.copy(),
             rel_step_n=np.asarray(self.steps.n),
+            step_factors=np.asarray(self.factors, dtype=np.float64),
             next_input_rng_json=np.asarray(json.dumps(
                 rng_for(cfg.seed, 2, iteration).bit_generator.state)),
             rng_derivation=np.asarray("poisson input of iteration i: SeedSequence([seed, 2, i])"),
@@ -615,7 +633,9 @@ class TrainingRun:
                 not math.isfinite(stats.loss):
             self.diverged(self.iteration + 1, "non-finite gradient or loss")
         self.check_alive(out)
-        self.steps.add(sgd_step(self.params, grads, self.etas, self.cfg.bp.weight_decay))
+        etas = ([e * f for e, f in zip(self.etas, self.factors)] if self.balance
+                else self.etas)
+        self.steps.add(sgd_step(self.params, grads, etas, self.cfg.bp.weight_decay))
         if self.targets is not None:
             adapt_thresholds(self.params, map_rates(self.layers, out, self.xp), self.targets,
                              self.cfg.bp.threshold_homeostasis, self.xp)

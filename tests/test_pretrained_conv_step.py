@@ -84,3 +84,54 @@ def test_records_without_the_factor_resume_and_a_factor_is_another_run(tmp_path,
     with pytest.raises(ValueError, match="different 'config'"):
         train(dataclasses.replace(faster, training=dataclasses.replace(
             RUN.training, iterations=3)), tmp_path, data, None, progress=False)
+
+
+def test_balanced_factors_follow_the_rule_and_its_bounds():
+    from protocols.bp import STEP_FACTOR_BOUNDS, balanced_step_factors
+
+    layers = parse_topology("28x28-4C5-2P-6C5-2P-20FC-10FC")  # conv1 pool1 conv2 pool2 fc1 fc2
+    steps = {"conv1_rel_step": 0.001, "conv2_rel_step": 0.004, "fc1_rel_step": 0.01,
+             "fc2_rel_step": 0.03}
+    out = balanced_step_factors(layers, [1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 1.0], steps, 0.5)
+    # r_fc = 0.02, c·r_fc = 0.01: conv1 2 × 10 = 20, conv2 3 × 2.5 = 7.5; the rest unchanged
+    assert out == pytest.approx([1.0, 20.0, 1.0, 7.5, 1.0, 1.0, 1.0])
+    low, high = STEP_FACTOR_BOUNDS
+    assert balanced_step_factors(layers, [1.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                                 {**steps, "conv1_rel_step": 1.0}, 0.5)[1] == low
+    assert balanced_step_factors(layers, [1.0, 50.0, 1.0, 1.0, 1.0, 1.0, 1.0], steps, 0.5)[1] == high
+    # a conv layer without a step in the interval (gated, silent) keeps its factor
+    assert balanced_step_factors(layers, [1.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                                 {k: v for k, v in steps.items() if k != "conv1_rel_step"},
+                                 0.5)[1] == 4.0
+
+
+BALANCED = dataclasses.replace(
+    RUN, pretrained_conv=True,
+    training=dataclasses.replace(RUN.training, iterations=4),
+    bp=dataclasses.replace(BP, pretrained_conv_step_balance=5.0))
+
+
+def test_a_balanced_run_sets_its_factor_from_the_last_intervals_steps(tmp_path, data):
+    """The factor of each interval is the previous one times c·r_fc/r_conv of the previous
+    interval (within the bounds); the first interval runs at 1; an arm that is not pre-trained
+    has no factor."""
+    params = initialise(parse_topology(TOPOLOGY), rng_for(0, 0), "lee", LIVELY)
+    frame = train(BALANCED, tmp_path / "balanced", data, params, progress=False)
+    f = frame["conv1_step_factor"].to_numpy()
+    assert f[0] == 1.0 and f[1] == 1.0  # iteration 0 and the first interval
+    for k in range(2, len(frame)):
+        want = f[k - 1] * 5.0 * frame["fc1_rel_step"].iloc[k - 1] / frame["conv1_rel_step"].iloc[k - 1]
+        assert f[k] == pytest.approx(min(100.0, max(1.0, want)), rel=1e-9)
+    assert f[2:].max() > 1.0  # the rule acted
+    plain = train(dataclasses.replace(BALANCED, pretrained_conv=False), tmp_path / "plain", data,
+                  params, progress=False)
+    assert "conv1_step_factor" not in plain.columns
+
+
+def test_a_balanced_run_resumed_from_its_checkpoint_ends_as_one_uninterrupted(tmp_path, data):
+    params = initialise(parse_topology(TOPOLOGY), rng_for(0, 0), "lee", LIVELY)
+    whole = train(BALANCED, tmp_path / "whole", data, params, progress=False)
+    train(BALANCED, tmp_path / "split", data, params, progress=False, stop_after=3)
+    resumed = train(BALANCED, tmp_path / "split", data, None, progress=False)
+    cols = [c for c in whole.columns if c != "wall_time_s"]
+    assert whole[cols].equals(resumed[cols])
