@@ -519,6 +519,9 @@ class TrainingRun:
         """Record the run as running; fix the evaluation sets, the homeostasis targets, the
         learning rates and the clock."""
         cfg, data = self.cfg, self.data
+        if self.start < self.total:  # an extended run is not finished until it is again
+            for name in ("final.npz", "final_conv.npz"):
+                (self.run_dir / name).unlink(missing_ok=True)
         self.record["segments"] = run_segments(self.previous_record, self.record, self.start)
         atomic_write_json(self.config_path, self.record)
         _write_status(self.run_dir, "running", f"training from iteration {self.start}")

@@ -504,3 +504,24 @@ def test_a_resumed_run_keeps_where_each_stretch_ran(tmp_path):
     record = json.loads((tmp_path / "config.json").read_text())
     assert [(s["from_iteration"], s["backend"]) for s in record["segments"]] == [
         (None, "xp"), (4, "numba")]
+
+
+def test_an_extended_run_holds_no_final_weights_until_it_finishes_again(tmp_path):
+    """Extending a finished run removes its final.npz (and an archived final_conv.npz): an
+    interrupted extension must not leave the shorter run's weights posing as its end."""
+    from protocols.datasets import load_dataset
+
+    data = load_dataset("mnist-5k")
+    run = TrainConfig(topology="28x28-3C5-2P-10FC",
+                      training=TrainingSettings(iterations=2, log_every=1, train_eval_images=20,
+                                                test_eval_images=20, eval_duration="5 ms"),
+                      bp=BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=0.5))
+    params = initialise(parse_topology(run.topology), rng_for(0, 0), "lee", LIVELY)
+    train(run, tmp_path, data, params, progress=False)
+    assert (tmp_path / "final.npz").is_file()
+    (tmp_path / "final_conv.npz").write_bytes((tmp_path / "final.npz").read_bytes())
+    longer = dataclasses.replace(run, training=dataclasses.replace(run.training, iterations=4))
+    train(longer, tmp_path, data, None, progress=False, stop_after=1)
+    assert not (tmp_path / "final.npz").exists() and not (tmp_path / "final_conv.npz").exists()
+    train(longer, tmp_path, data, None, progress=False)
+    assert (tmp_path / "final.npz").is_file()
