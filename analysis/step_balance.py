@@ -3,7 +3,7 @@
 For every run and evaluation row, the balance of a conv layer is its mean relative step
 ‖ηΔW‖/‖W‖ over the interval ending at the row (the ``conv*_rel_step`` diagnostic of
 ``metrics.csv``) divided by the mean of the FC layers' relative steps over the same interval.
-Randomly initialised conv layers and STDP pre-trained ones differ here by up to 20×
+Randomly initialised conv layers and STDP pre-trained ones differ here by up to 17× (medians over runs)
 (docs/finetuning.md, "A balanced step for the pre-trained conv layers"), which is what
 ``bp.pretrained_conv_step_balance`` acts on.
 
@@ -87,8 +87,7 @@ def _main(argv=None) -> int:
     table = table[["study", *[c for c in table.columns if c != "study"]]]
     print(table.to_markdown(index=False, floatfmt=".3g"))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_table(table, Path(args.out), "step_balance")
+        write_table(table, Path(args.out), "step_balance")  # makes the folder
     return 0
 
 

@@ -83,6 +83,7 @@ import numpy as np
 from models.batched import Forward, LayerParams
 from models.parameters import BPParameters, LIFParameters, PoolingParameters
 from models.topology import ConvLayer, FCLayer, Layer, PoolLayer
+from protocols.diagnostics import layer_labels
 
 DERIVATIVES = ("lee2018", "lee2018_window", "lee2020", "straight_through")
 NLL_FLOOR = 1e-12
@@ -324,8 +325,6 @@ def balanced_step_factors(layers: Sequence[Layer], factors: Sequence[float], rel
     ``{label}_rel_step`` diagnostics, taken with the factors ``factors``), r_fc their mean over
     the FC layers and c = ``balance``. Layers without a step in the interval keep their factor;
     non-conv layers keep 1."""
-    from protocols.diagnostics import layer_labels
-
     labels = layer_labels(layers)
     fc = [rel_steps.get(f"{label}_rel_step") for label, layer in zip(labels, layers)
           if isinstance(layer, FCLayer)]
