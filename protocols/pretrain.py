@@ -67,6 +67,80 @@ class PretrainConfig:
             raise ValueError(f"dataset = {self.dataset!r} is not one of {', '.join(DATASETS)}")
 
 
+#: what an STDP option was in pre-training records written before it existed: the paper's
+#: constant offset on every layer, and a window-mean offset unscaled (lambda = 1)
+LEGACY_STDP = {"offset": ["constant"], "window_scale": [1.0]}
+
+#: where a pre-training ran, not what it learned: not compared by :func:`record_differences`
+WHERE_KEYS = ("out", "device")
+
+
+def _layer_offsets(stdp: dict, n_conv: int) -> list[str]:
+    """Each conv layer's STDP offset as it acts: 'constant chi=...' or 'window_mean lambda=...'."""
+    offsets = list(stdp.get("offset", LEGACY_STDP["offset"]))
+    scales = list(stdp.get("window_scale", LEGACY_STDP["window_scale"]))
+    out = []
+    for i in range(n_conv):
+        kind = offsets[min(i, len(offsets) - 1)]
+        out.append(f"constant chi={stdp.get('chi_offset')}" if kind == "constant"
+                   else f"window_mean lambda={scales[min(i, len(scales) - 1)]}")
+    return out
+
+
+def record_differences(recorded: dict, expected: dict) -> list[str]:
+    """What a pre-training record's config (``pretrained.json`` "config", or ``pretrain.toml``)
+    has that ``expected`` (``config_to_dict`` of a PretrainConfig) does not, as
+    ``"key: recorded -> expected"``. Where it ran (WHERE_KEYS) is not compared; the STDP offset is
+    compared per conv layer as it acts (so ``["constant", "window_mean"]`` equals the same list
+    with a third entry on a two-conv net), with LEGACY_STDP for records older than a key; a
+    section the record lacks entirely (records older than it) is not compared."""
+    n_conv = sum(isinstance(layer, ConvLayer)
+                 for layer in parse_topology(str(expected["topology"])))
+    found = []
+    for key, want in expected.items():
+        if key in WHERE_KEYS:
+            continue
+        have = recorded.get(key)
+        if not isinstance(want, dict):
+            if have != want:
+                found.append(f"{key}: {have!r} -> {want!r}")
+            continue
+        if not isinstance(have, dict):
+            continue
+        if key == "stdp":
+            for i, (a, b) in enumerate(zip(_layer_offsets(have, n_conv),
+                                           _layer_offsets(want, n_conv)), start=1):
+                if a != b:
+                    found.append(f"stdp offset of conv{i}: {a} -> {b}")
+            want = {k: v for k, v in want.items()
+                    if k not in ("offset", "window_scale", "chi_offset")}
+        for sub, value in want.items():
+            old = have.get(sub)
+            if isinstance(old, (list, tuple)) or isinstance(value, (list, tuple)):
+                old, value = list(old or []), list(value)
+            if old != value:
+                found.append(f"{key}.{sub}: {have.get(sub)!r} -> {value!r}")
+    return found
+
+
+def recorded_config(folder: str | os.PathLike) -> dict | None:
+    """The config a pre-training folder was made with: its ``pretrained.json`` record (written
+    with the kernels), else its ``pretrain.toml``; None when it has neither."""
+    import tomllib
+
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "pretrained.json").read_text())
+        if isinstance(record.get("config"), dict):
+            return record["config"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return tomllib.loads((folder / "pretrain.toml").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class SimulationIncomplete(RuntimeError):
     """A Brian2 run that stopped before the end of its duration (not by Ctrl-C)."""
 

@@ -14,7 +14,8 @@ Run::
 
 The same command, run again after an interruption, resumes from the last checkpoint. The run
 directory is described in protocols/train.py; a pre-training run started by the study goes to
-``<out>/pretrain/``. Every configuration problem (unknown key, wrong type or unit, missing or
+``<out>/pretrain/``, and a ``pretrained.npz`` already there is reused only when its record names
+the same pre-training (``protocols.pretrain.record_differences``; otherwise a one-line error). Every configuration problem (unknown key, wrong type or unit, missing or
 incompatible pre-training file), the data and the output folder are checked before any training
 starts. Each phase says what it is doing on stderr (``--quiet``: nothing but errors and the
 result). One process at a time works in a run folder; Ctrl-C stops cleanly, marks the run
@@ -153,12 +154,25 @@ def run_pretraining(cfg: StudyConfig, out: Path, data_dir: str | None, progress:
 
     target = out / "pretrain"
     npz = target / "pretrained.npz"
-    if npz.is_file():
-        return npz
     pcfg = pt.PretrainConfig(topology=cfg.topology, dataset=cfg.dataset, seed=cfg.seed,
                              device=cfg.pretrain_device, out=str(target),
                              pretraining=cfg.pretraining, stdp=cfg.stdp,
                              homeostasis=cfg.homeostasis, lif=cfg.lif, pooling=cfg.pooling)
+    if npz.is_file():
+        # reuse only what this config would pre-train: a folder made under other [stdp] (or any
+        # other pre-training) settings must not lend its kernels to this run silently
+        recorded = pt.recorded_config(target)
+        if recorded is None:
+            say(f"reusing {npz} (no pretrained.json or pretrain.toml beside it to check "
+                "against this config)")
+            return npz
+        differences = pt.record_differences(recorded, config_to_dict(pcfg))
+        if differences:
+            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+            raise ConfigError(f"{npz} was pre-trained under another configuration ({shown}); "
+                              f"remove {target} to pre-train again with this one, or set the "
+                              "config back (or 'out' to a new folder)")
+        return npz
     target.mkdir(parents=True, exist_ok=True)
     toml_path = target / "pretrain.toml"
     toml_path.write_text(to_toml(config_to_dict(pcfg)))

@@ -102,3 +102,68 @@ def test_two_conv_layers_pretrain_on_cpp_standalone():
     assert arrays["conv1_kernels"].shape == (3, 1, 3, 3) and arrays["conv2_kernels"].shape == (2, 3, 3, 3)
     assert set(result["summary"]["layers"]) == {"conv1", "conv2"}
     assert arrays["conv1_spikes_per_image"].sum() > 0
+
+
+# -- a study reuses a pre-training folder only when it was made under the same configuration --
+
+def test_record_differences_compares_the_offset_as_it_acts_and_reads_old_records():
+    from models.parameters import STDPParameters
+    from protocols.config import config_to_dict
+    from protocols.pretrain import record_differences
+
+    deep = "28x28-20C5-2P-50C5-2P-200FC-10FC"
+    constant = config_to_dict(PretrainConfig(topology=deep, stdp=STDPParameters(
+        offset=("constant",))))
+    # a record from before 'offset' and 'window_scale' existed: the paper's constant offset
+    old = json.loads(json.dumps(constant))
+    del old["stdp"]["offset"], old["stdp"]["window_scale"]
+    assert record_differences(old, constant) == []
+    today = config_to_dict(PretrainConfig(topology=deep))  # window_mean, lambda 1.8 then 1
+    found = record_differences(old, today)
+    assert found == ["stdp offset of conv1: constant chi=0.5 -> window_mean lambda=1.8",
+                     "stdp offset of conv2: constant chi=0.5 -> window_mean lambda=1.0"]
+    # the same offsets written another way, chi_offset where no layer uses it, and where it ran
+    same = config_to_dict(PretrainConfig(topology=deep, device="runtime", out="elsewhere",
+                                         stdp=STDPParameters(offset=("window_mean",) * 3,
+                                                             window_scale=(1.8, 1.0, 1.0),
+                                                             chi_offset=0.3)))
+    assert record_differences(same, today) == []
+    # anything that changes what is learned is named
+    other = json.loads(json.dumps(today))
+    other["stdp"]["eta"], other["pretraining"]["n_images"], other["seed"] = 0.005, 300, 4
+    assert sorted(record_differences(other, today)) == [
+        "pretraining.n_images: 300 -> 1000", "seed: 4 -> 0", "stdp.eta: 0.005 -> 0.002"]
+    # a record older than a whole section is not compared on it
+    del other["lif"]
+    assert not any(d.startswith("lif.") for d in record_differences(other, today))
+
+
+def test_study_refuses_a_pretraining_folder_made_under_another_stdp(tmp_path, monkeypatch):
+    from models.parameters import STDPParameters
+    from protocols import pretrain as pt
+    from protocols.config import config_to_dict
+    from protocols.study import StudyConfig, run_pretraining
+
+    def no_pretraining(argv):
+        raise AssertionError("pre-training ran although a matching one was there")
+
+    monkeypatch.setattr(pt, "command", no_pretraining)
+    cfg = StudyConfig(topology=TOPOLOGY, arm="pretrained", seed=3)
+    folder = tmp_path / "pretrain"
+    folder.mkdir()
+    (folder / "pretrained.npz").write_bytes(b"kernels")
+    made = PretrainConfig(topology=TOPOLOGY, seed=3, out="somewhere/else",
+                          stdp=STDPParameters(offset=("constant",)))
+    (folder / "pretrained.json").write_text(json.dumps({"config": config_to_dict(made)}))
+    with pytest.raises(ConfigError, match=r"another configuration \(stdp offset of conv1: "
+                                          r"constant chi=0\.5 -> window_mean lambda=1\.8"):
+        run_pretraining(cfg, tmp_path, None, progress=False)
+    # the same config (only the folder it was written to differs): reused, not re-run
+    made = dataclasses.replace(made, stdp=cfg.stdp)
+    (folder / "pretrained.json").write_text(json.dumps({"config": config_to_dict(made)}))
+    assert run_pretraining(cfg, tmp_path, None, progress=False) == folder / "pretrained.npz"
+    # without its record, pretrain.toml (written before pre-training starts) is read
+    (folder / "pretrained.json").unlink()
+    (folder / "pretrain.toml").write_text('topology = "14x14-3C3-2P-2C3-2P-2FC"\nseed = 5\n')
+    with pytest.raises(ConfigError, match="seed: 5 -> 3"):
+        run_pretraining(cfg, tmp_path, None, progress=False)
