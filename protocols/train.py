@@ -389,11 +389,17 @@ def _comparable(config):
     if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
         return config
     config = {k: v for k, v in _with_new_defaults(config).items() if k != "guard"}
-    # which arm's conv layers a run trains matters only where it scales their η (records made
-    # before the key existed lack it, and used the scale 1)
-    if (config["bp"].get("pretrained_conv_eta_scale", 1.0) == 1.0
-            and not config["bp"].get("pretrained_conv_step_balance", 0.0)):
+    # the pre-trained conv layers' own step options matter only to a run whose conv layers are
+    # pre-trained, and which arm a run is matters here only where those options act (records
+    # made before the key existed lack it, and used neither option), so that a supervised run
+    # made before the balanced step became the default still continues under today's config
+    bp = config["bp"]
+    if (not config.get("pretrained_conv")
+            or (bp.get("pretrained_conv_eta_scale", 1.0) == 1.0
+                and not bp.get("pretrained_conv_step_balance", 0.0))):
         config.pop("pretrained_conv", None)
+        config["bp"] = {k: v for k, v in bp.items()
+                        if k not in ("pretrained_conv_eta_scale", "pretrained_conv_step_balance")}
     # with the whole test split evaluated, which subset rule applies does not matter
     unused = ("test_subset",) if not config["training"].get("test_eval_images") else ()
     return {**config, "training": {k: v for k, v in config["training"].items()

@@ -17,7 +17,9 @@ from protocols.train import TrainConfig, TrainingSettings, rng_for, train
 from test_train import LIVELY  # noqa: E402 (tests/ on sys.path)
 
 TOPOLOGY = "28x28-3C5-2P-10FC"
-BP = BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=0.5)
+# the fixed factor alone: the balanced step (the default since 2026-12-01) off
+BP = BPParameters(t_first_epoch=6 * ms, t_later_epochs=4 * ms, eta=0.5,
+                  pretrained_conv_step_balance=0.0)
 RUN = TrainConfig(topology=TOPOLOGY,
                   training=TrainingSettings(iterations=2, log_every=1, train_eval_images=20,
                                             test_eval_images=20, eval_duration="5 ms"),
@@ -69,21 +71,41 @@ def test_the_factor_trains_pretrained_conv_layers_as_that_conv_step(tmp_path, da
 
 
 def test_records_without_the_factor_resume_and_a_factor_is_another_run(tmp_path, data):
-    """A pre-trained run recorded before the option existed (no bp key, no pretrained_conv)
-    resumes under today's config of its arm; the same arm with a factor is a different run."""
+    """A run recorded before the options existed (no bp keys, no pretrained_conv) resumes under
+    a config of its arm with both off; a pre-trained one under today's default (the balanced
+    step) or with a factor is a different run; a supervised one resumes under today's default,
+    whose pre-trained-conv options do not act on it."""
     params = initialise(parse_topology(TOPOLOGY), rng_for(0, 0), "lee", LIVELY)
-    today = dataclasses.replace(RUN, pretrained_conv=True)
-    train(today, tmp_path, data, params, progress=False, stop_after=1)
-    record = json.loads((tmp_path / "config.json").read_text())
-    del record["config"]["bp"]["pretrained_conv_eta_scale"]
-    del record["config"]["pretrained_conv"]
-    (tmp_path / "config.json").write_text(json.dumps(record))
-    frame = train(today, tmp_path, data, None, progress=False)
+
+    def as_recorded_before_the_options(folder):
+        record = json.loads((folder / "config.json").read_text())
+        del record["config"]["bp"]["pretrained_conv_eta_scale"]
+        del record["config"]["bp"]["pretrained_conv_step_balance"]
+        del record["config"]["pretrained_conv"]
+        (folder / "config.json").write_text(json.dumps(record))
+
+    longer = dataclasses.replace(RUN.training, iterations=3)
+    pinned = dataclasses.replace(RUN, pretrained_conv=True)
+    train(pinned, tmp_path / "pre", data, params, progress=False, stop_after=1)
+    as_recorded_before_the_options(tmp_path / "pre")
+    frame = train(pinned, tmp_path / "pre", data, None, progress=False)
     assert list(frame.iteration) == [0, 1, 2]
-    faster = dataclasses.replace(today, bp=dataclasses.replace(BP, pretrained_conv_eta_scale=10.0))
-    with pytest.raises(ValueError, match="different 'config'"):
-        train(dataclasses.replace(faster, training=dataclasses.replace(
-            RUN.training, iterations=3)), tmp_path, data, None, progress=False)
+    for other in (dataclasses.replace(BP, pretrained_conv_eta_scale=10.0),
+                  dataclasses.replace(BP, pretrained_conv_step_balance=BPParameters()
+                                      .pretrained_conv_step_balance)):
+        with pytest.raises(ValueError, match="different 'config'"):
+            train(dataclasses.replace(pinned, bp=other, training=longer), tmp_path / "pre",
+                  data, None, progress=False)
+
+    default_bp = dataclasses.replace(BPParameters(), t_first_epoch=6 * ms,
+                                     t_later_epochs=4 * ms, eta=0.5)
+    assert default_bp.pretrained_conv_step_balance > 0
+    supervised = dataclasses.replace(RUN, pretrained_conv=False)
+    train(supervised, tmp_path / "sup", data, params, progress=False, stop_after=1)
+    as_recorded_before_the_options(tmp_path / "sup")
+    frame = train(dataclasses.replace(supervised, bp=default_bp), tmp_path / "sup", data, None,
+                  progress=False)
+    assert list(frame.iteration) == [0, 1, 2]
 
 
 def test_balanced_factors_follow_the_rule_and_its_bounds():
