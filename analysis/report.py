@@ -93,14 +93,15 @@ def drift_table(table: pd.DataFrame, window: int) -> pd.DataFrame:
 
 def report(root: Path, out: Path, threshold: float | list[float], at: list[int],
            nll_window: tuple[int, int] | None, include_unfinished: bool = False,
-           log_x: bool = False, drift_window: int = 1000) -> dict[str, pd.DataFrame]:
+           log_x: bool = False, drift_window: int = 1000,
+           seeds: list[int] | None = None) -> dict[str, pd.DataFrame]:
     """The tables (written with the figures under ``out``); ``left_out`` lists the run folders
     not reported and why (see analysis.runs.collect_runs). ``threshold``: one target error or
-    several (the first is marked in the error curves)."""
+    several (the first is marked in the error curves). ``seeds``: only runs of these seeds."""
     thresholds = [threshold] if np.isscalar(threshold) else list(threshold)
     if not thresholds:
         raise ValueError("give at least one threshold")
-    table, left_out = collect_runs(root, include_unfinished)
+    table, left_out = collect_runs(root, include_unfinished, seeds)
     left_out.attrs["truncated_at"] = table.attrs.get("truncated_at")
     last = int(table["iteration"].max())
     window = nll_window or (int(0.8 * last), last)
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
                         help="also report unfinished runs (interrupted, failed, running), every "
                              "run cut at the last iteration all of them reached; diverged and "
                              "unreadable runs are always left out")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="only runs of these seeds, e.g. the seeds both arms have while one "
+                             "arm of a study is still growing (the others are listed as left out)")
     parser.add_argument("--log-x", action="store_true",
                         help="logarithmic iteration axis in error_curves (default: linear, "
                              "as the paper's Fig. 4/5, from iteration 0)")
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     try:
         tables = report(args.root, args.out, args.threshold, args.at,
                         tuple(args.nll_window) if args.nll_window else None,
-                        args.include_unfinished, args.log_x, args.drift_window)
+                        args.include_unfinished, args.log_x, args.drift_window, args.seeds)
     except RunsError as err:
         print(f"report error: {err}", file=sys.stderr)
         return 2

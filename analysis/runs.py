@@ -103,13 +103,15 @@ def _alive(run_dir: Path) -> bool:
     return bool(owner) and lock._alive(owner)
 
 
-def collect_runs(root: str | Path, include_unfinished: bool = False
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect_runs(root: str | Path, include_unfinished: bool = False,
+                 seeds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, left_out): the runs below ``root`` fit to report, as :func:`load_runs` gives
     them, and one row per run folder left out, with ``run``, ``status`` and ``reason``.
 
     Default: finished runs only. ``include_unfinished``: unfinished runs too, and every run cut
-    at the last iteration all of them reached (the ``truncated_at`` attribute of the table)."""
+    at the last iteration all of them reached (the ``truncated_at`` attribute of the table).
+    ``seeds``: only runs of these seeds (matched seeds while one arm of a study is still
+    growing); the others are listed as left out, and do not set the common iteration."""
     root = Path(root)
     if not root.is_dir():
         raise RunsError(f"{root} is not a directory of runs")
@@ -122,6 +124,10 @@ def collect_runs(root: str | Path, include_unfinished: bool = False
             metrics = read_metrics(run_dir)
         except RunsError as err:
             left.append({"run": name, "status": "unreadable", "reason": str(err)})
+            continue
+        if seeds is not None and int(info["seed"]) not in seeds:
+            left.append({"run": name, "status": "not selected",
+                         "reason": f"seed {info['seed']} is not among --seeds"})
             continue
         state = status["status"]
         last = int(metrics["iteration"].max())

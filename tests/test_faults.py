@@ -389,6 +389,17 @@ def test_report_leaves_out_broken_runs_and_says_why(tmp_path, capsys):
     assert summary.loc["supervised", "n_seeds"] == 3 and summary.loc["pretrained", "n_seeds"] == 2
     crossings = pd.read_csv(tmp_path / "out2" / "iterations_to_threshold.csv")
     assert len(crossings) == 5
+    # matched seeds only: seed 1's runs are listed as not selected, and the interrupted run (a
+    # seed-0 copy) no longer sets the common iteration when it is not a selected seed's
+    assert report_main([str(root), "--out", str(tmp_path / "out4"), "--at", "100", "200",
+                        "--seeds", "1", "--include-unfinished"]) == 0
+    summary = pd.read_csv(tmp_path / "out4" / "error_summary.csv")
+    assert set(summary.n_seeds) == {1} and sorted(summary.iteration) == [100, 100, 200, 200]
+    left = pd.read_csv(tmp_path / "out4" / "left_out.csv").set_index("run")
+    assert {r for r, st in left.status.items() if st == "not selected"} == {
+        "pretrained/seed0", "supervised/seed0", "broken/interrupted", "broken/diverged"}
+    crossings = pd.read_csv(tmp_path / "out4" / "iterations_to_threshold.csv")
+    assert sorted(crossings.seed) == [1, 1]
     # nothing to report: one line, exit 2
     assert report_main([str(broken), "--out", str(tmp_path / "out3")]) == 2
     assert "no finished runs" in capsys.readouterr().err
