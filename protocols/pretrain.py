@@ -75,16 +75,17 @@ LEGACY_STDP = {"offset": ["constant"], "window_scale": [1.0]}
 WHERE_KEYS = ("out", "device")
 
 
-def _layer_offsets(stdp: dict, n_conv: int) -> list[str]:
-    """Each conv layer's STDP offset as it acts: 'constant chi=...' or 'window_mean lambda=...'."""
-    offsets = list(stdp.get("offset", LEGACY_STDP["offset"]))
-    scales = list(stdp.get("window_scale", LEGACY_STDP["window_scale"]))
-    out = []
-    for i in range(n_conv):
-        kind = offsets[min(i, len(offsets) - 1)]
-        out.append(f"constant chi={stdp.get('chi_offset')}" if kind == "constant"
-                   else f"window_mean lambda={scales[min(i, len(scales) - 1)]}")
-    return out
+def _layer_offsets(stdp: dict, layers) -> list[str]:
+    """Each conv layer's STDP offset as it acts: 'constant chi=...' or 'window_mean lambda=...'
+    (per-conv-layer lists resolved as the network builder does)."""
+    from models.network import _per_conv_layer
+
+    offsets = stdp.get("offset", LEGACY_STDP["offset"])
+    scales = stdp.get("window_scale", LEGACY_STDP["window_scale"])
+    return [f"constant chi={stdp.get('chi_offset')}"
+            if _per_conv_layer(offsets, layers, index) == "constant"
+            else f"window_mean lambda={_per_conv_layer(scales, layers, index)}"
+            for index, layer in enumerate(layers) if isinstance(layer, ConvLayer)]
 
 
 def record_differences(recorded: dict, expected: dict) -> list[str]:
@@ -94,8 +95,7 @@ def record_differences(recorded: dict, expected: dict) -> list[str]:
     compared per conv layer as it acts (so ``["constant", "window_mean"]`` equals the same list
     with a third entry on a two-conv net), with LEGACY_STDP for records older than a key; a
     section the record lacks entirely (records older than it) is not compared."""
-    n_conv = sum(isinstance(layer, ConvLayer)
-                 for layer in parse_topology(str(expected["topology"])))
+    layers = parse_topology(str(expected["topology"]))
     found = []
     for key, want in expected.items():
         if key in WHERE_KEYS:
@@ -108,8 +108,8 @@ def record_differences(recorded: dict, expected: dict) -> list[str]:
         if not isinstance(have, dict):
             continue
         if key == "stdp":
-            for i, (a, b) in enumerate(zip(_layer_offsets(have, n_conv),
-                                           _layer_offsets(want, n_conv)), start=1):
+            for i, (a, b) in enumerate(zip(_layer_offsets(have, layers),
+                                           _layer_offsets(want, layers)), start=1):
                 if a != b:
                     found.append(f"stdp offset of conv{i}: {a} -> {b}")
             want = {k: v for k, v in want.items()

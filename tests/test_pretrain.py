@@ -128,6 +128,11 @@ def test_record_differences_compares_the_offset_as_it_acts_and_reads_old_records
                                                              window_scale=(1.8, 1.0, 1.0),
                                                              chi_offset=0.3)))
     assert record_differences(same, today) == []
+    # the last entry serves deeper layers: constant then window_mean differs at conv 2 only
+    mixed = config_to_dict(PretrainConfig(topology=deep, stdp=STDPParameters(
+        offset=("constant", "window_mean"))))
+    assert record_differences(mixed, constant) == [
+        "stdp offset of conv2: window_mean lambda=1.0 -> constant chi=0.5"]
     # anything that changes what is learned is named
     other = json.loads(json.dumps(today))
     other["stdp"]["eta"], other["pretraining"]["n_images"], other["seed"] = 0.005, 300, 4
